@@ -1,0 +1,313 @@
+"""Camera model, rigid poses and frame conventions (see docs/conventions.md).
+
+Frames: CT points are LPS millimetres; the camera frame has its origin at the X-ray source,
++z along the principal ray towards the detector, +x along detector columns, +y along detector
+rows. A pose is ``camera_from_ct``: a (..., 4, 4) rigid transform mapping LPS points into the
+camera frame. Every function here is batched over leading dimensions and differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import roma
+import torch
+
+Tensor = torch.Tensor
+
+#: Euler convention used everywhere in CorrReg: extrinsic rotations about the x, then y, then
+#: z axis of the frame the rotation acts in (R = Rz @ Ry @ Rx), angles in degrees.
+EULER_CONVENTION = "xyz"
+
+LPS_FROM_RAS = torch.diag(torch.tensor([-1.0, -1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Pinhole C-arm geometry: source at the origin, detector plane at z = sdd (mm).
+
+    ``pixel_spacing`` is (dx, dy) in mm at the detector, ``size`` is (W, H) in pixels and
+    ``principal_point`` is (cx, cy) in pixels (default: the image centre). Pixel (col c, row r)
+    has its centre at u = c + 0.5, v = r + 0.5.
+    """
+
+    sdd: float
+    pixel_spacing: tuple[float, float]
+    size: tuple[int, int]
+    principal_point: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.sdd) and self.sdd > 0):
+            raise ValueError(f"sdd must be a positive distance in mm, got {self.sdd}")
+        dx, dy = (float(v) for v in self.pixel_spacing)
+        if not (dx > 0 and dy > 0 and math.isfinite(dx) and math.isfinite(dy)):
+            raise ValueError(f"pixel spacing must be positive (mm), got {self.pixel_spacing}")
+        w, h = (int(v) for v in self.size)
+        if w < 1 or h < 1:
+            raise ValueError(f"detector size must be at least 1 x 1 pixels, got {self.size}")
+        object.__setattr__(self, "pixel_spacing", (dx, dy))
+        object.__setattr__(self, "size", (w, h))
+        object.__setattr__(self, "sdd", float(self.sdd))
+        if self.principal_point is None:
+            object.__setattr__(self, "principal_point", (w / 2.0, h / 2.0))
+        else:
+            cx, cy = (float(v) for v in self.principal_point)
+            object.__setattr__(self, "principal_point", (cx, cy))
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def intrinsics(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        """K = [[sdd/dx, 0, cx], [0, sdd/dy, cy], [0, 0, 1]]."""
+        dx, dy = self.pixel_spacing
+        cx, cy = self.principal_point
+        return torch.tensor(
+            [[self.sdd / dx, 0.0, cx], [0.0, self.sdd / dy, cy], [0.0, 0.0, 1.0]], dtype=dtype, device=device
+        )
+
+    def intrinsics_inv(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        return torch.linalg.inv(self.intrinsics(torch.float64, device)).to(dtype)
+
+    def pixel_rays(self, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+        """(H, W, 3) vectors from the source to each pixel centre on the detector, in mm."""
+        dx, dy = self.pixel_spacing
+        cx, cy = self.principal_point
+        u = torch.arange(self.width, dtype=torch.float64, device=device) + 0.5
+        v = torch.arange(self.height, dtype=torch.float64, device=device) + 0.5
+        vv, uu = torch.meshgrid(v, u, indexing="ij")
+        x = (uu - cx) * dx
+        y = (vv - cy) * dy
+        z = torch.full_like(x, self.sdd)
+        return torch.stack([x, y, z], dim=-1).to(dtype)
+
+    def downsample(self, factor: float) -> "Camera":
+        """The same detector seen with pixels ``factor`` times larger (coarse-to-fine levels)."""
+        if factor <= 0:
+            raise ValueError(f"downsampling factor must be positive, got {factor}")
+        w = max(1, int(round(self.width / factor)))
+        h = max(1, int(round(self.height / factor)))
+        fx, fy = self.width / w, self.height / h
+        cx, cy = self.principal_point
+        return replace(
+            self,
+            pixel_spacing=(self.pixel_spacing[0] * fx, self.pixel_spacing[1] * fy),
+            size=(w, h),
+            principal_point=(cx / fx, cy / fy),
+        )
+
+    def to_dict(self) -> dict:
+        """The camera JSON of DESIGN.md."""
+        return {
+            "sdd_mm": self.sdd,
+            "pixel_spacing_mm": list(self.pixel_spacing),
+            "size_px": list(self.size),
+            "principal_point_px": list(self.principal_point),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Camera":
+        missing = [k for k in ("sdd_mm", "pixel_spacing_mm", "size_px") if k not in d]
+        if missing:
+            raise ValueError(f"camera JSON lacks {missing}; expected keys sdd_mm, pixel_spacing_mm, size_px[, principal_point_px]")
+        return cls(
+            sdd=float(d["sdd_mm"]),
+            pixel_spacing=tuple(d["pixel_spacing_mm"]),
+            size=tuple(d["size_px"]),
+            principal_point=tuple(d["principal_point_px"]) if d.get("principal_point_px") is not None else None,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Rigid transforms
+
+
+def make_pose(rotation: Tensor, translation: Tensor) -> Tensor:
+    """(..., 4, 4) homogeneous matrix from (..., 3, 3) rotation and (..., 3) translation."""
+    batch = rotation.shape[:-2]
+    top = torch.cat([rotation, translation.unsqueeze(-1)], dim=-1)
+    bottom = torch.zeros(*batch, 1, 4, dtype=rotation.dtype, device=rotation.device)
+    bottom[..., 0, 3] = 1.0
+    return torch.cat([top, bottom], dim=-2)
+
+
+def invert_pose(pose: Tensor) -> Tensor:
+    """Inverse of a rigid (..., 4, 4) transform, using R^T rather than a general inverse."""
+    rt = pose[..., :3, :3].transpose(-1, -2)
+    return make_pose(rt, -(rt @ pose[..., :3, 3:]).squeeze(-1))
+
+
+def check_rigid(pose: Tensor, tol: float = 1e-4) -> Tensor:
+    """Raise ValueError unless ``pose`` is a finite (..., 4, 4) rigid transform; returns it."""
+    if not isinstance(pose, torch.Tensor):
+        pose = torch.as_tensor(pose, dtype=torch.float64)
+    if pose.shape[-2:] != (4, 4):
+        raise ValueError(f"a pose must be a 4x4 matrix, got shape {tuple(pose.shape)}")
+    if not torch.isfinite(pose).all():
+        raise ValueError("the pose contains NaN or Inf")
+    p = pose.detach().double()
+    r = p[..., :3, :3]
+    eye = torch.eye(3, dtype=torch.float64, device=p.device)
+    ortho = (r.transpose(-1, -2) @ r - eye).abs().amax().item()
+    det = torch.linalg.det(r)
+    last = (p[..., 3, :] - torch.tensor([0, 0, 0, 1.0], dtype=torch.float64, device=p.device)).abs().amax().item()
+    if ortho > tol or (det - 1).abs().amax().item() > tol or last > tol:
+        raise ValueError(
+            "the pose is not rigid: its 3x3 block must be a rotation (orthonormal, det +1) and its last "
+            f"row [0, 0, 0, 1] (orthogonality error {ortho:.2g}, det {det.flatten()[0].item():.4g})"
+        )
+    return pose
+
+
+def transform_points(pose: Tensor, points: Tensor) -> Tensor:
+    """Apply (..., 4, 4) transforms to (..., N, 3) points."""
+    return points @ pose[..., :3, :3].transpose(-1, -2) + pose[..., None, :3, 3]
+
+
+def pose_from_rotvec_translation(rotvec: Tensor, translation: Tensor) -> Tensor:
+    """Pose from an axis-angle vector (radians) and a translation (mm)."""
+    return make_pose(roma.rotvec_to_rotmat(rotvec), translation)
+
+
+def rotvec_translation_from_pose(pose: Tensor) -> tuple[Tensor, Tensor]:
+    return roma.rotmat_to_rotvec(pose[..., :3, :3]), pose[..., :3, 3]
+
+
+def euler_to_rotation(angles_deg: Tensor, convention: str = EULER_CONVENTION) -> Tensor:
+    """Rotation matrices from Euler angles in degrees (default: extrinsic x, y, z)."""
+    return roma.euler_to_rotmat(convention, angles_deg, degrees=True)
+
+
+def rotation_to_euler(rotation: Tensor, convention: str = EULER_CONVENTION) -> Tensor:
+    return torch.stack(roma.rotmat_to_euler(convention, rotation, degrees=True, as_tuple=True), dim=-1)
+
+
+def _skew(w: Tensor) -> Tensor:
+    zero = torch.zeros_like(w[..., 0])
+    return torch.stack(
+        [
+            torch.stack([zero, -w[..., 2], w[..., 1]], -1),
+            torch.stack([w[..., 2], zero, -w[..., 0]], -1),
+            torch.stack([-w[..., 1], w[..., 0], zero], -1),
+        ],
+        -2,
+    )
+
+
+def _left_jacobian_coeffs(theta2: Tensor) -> tuple[Tensor, Tensor]:
+    """(1 - cos t)/t^2 and (t - sin t)/t^3, with Taylor series near zero (twice differentiable)."""
+    small = theta2 < 1e-6
+    t2 = torch.where(small, torch.ones_like(theta2), theta2)
+    t = t2.sqrt()
+    a = torch.where(small, 0.5 - theta2 / 24.0, (1 - torch.cos(t)) / t2)
+    b = torch.where(small, 1.0 / 6.0 - theta2 / 120.0, (t - torch.sin(t)) / (t2 * t))
+    return a, b
+
+
+def se3_exp(xi: Tensor) -> Tensor:
+    """Exponential map: twist (..., 6) = (rotation vector, translational part) -> (..., 4, 4)."""
+    w, v = xi[..., :3], xi[..., 3:]
+    rot = roma.rotvec_to_rotmat(w)
+    a, b = _left_jacobian_coeffs((w * w).sum(-1))
+    wx = _skew(w)
+    eye = torch.eye(3, dtype=xi.dtype, device=xi.device)
+    jac = eye + a[..., None, None] * wx + b[..., None, None] * (wx @ wx)
+    return make_pose(rot, (jac @ v.unsqueeze(-1)).squeeze(-1))
+
+
+def se3_log(pose: Tensor) -> Tensor:
+    """Logarithm map: (..., 4, 4) -> twist (..., 6) = (rotation vector, translational part)."""
+    w = roma.rotmat_to_rotvec(pose[..., :3, :3])
+    theta2 = (w * w).sum(-1)
+    small = theta2 < 1e-6
+    t2 = torch.where(small, torch.ones_like(theta2), theta2)
+    t = t2.sqrt()
+    # V^-1 = I - wx/2 + c wx^2 with c = (1 - t sin t / (2 (1 - cos t))) / t^2
+    c = torch.where(small, 1.0 / 12.0 + theta2 / 720.0, (1 - t * torch.sin(t) / (2 * (1 - torch.cos(t)))) / t2)
+    wx = _skew(w)
+    eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
+    vinv = eye - 0.5 * wx + c[..., None, None] * (wx @ wx)
+    v = (vinv @ pose[..., :3, 3:]).squeeze(-1)
+    return torch.cat([w, v], dim=-1)
+
+
+def geodesic_distance(pose_a: Tensor, pose_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotation angle (degrees) and translation norm (mm) of pose_a^-1 @ pose_b."""
+    rel = invert_pose(pose_a) @ pose_b
+    cos = ((rel[..., 0, 0] + rel[..., 1, 1] + rel[..., 2, 2] - 1) / 2).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)), rel[..., :3, 3].norm(dim=-1)
+
+
+def rotation_about_point(rotation: Tensor, center: Tensor, translation: Tensor | None = None) -> Tensor:
+    """Transform x -> R (x - c) + c + t: rotation about ``center`` followed by a translation."""
+    t = center - (rotation @ center.unsqueeze(-1)).squeeze(-1)
+    if translation is not None:
+        t = t + translation
+    return make_pose(rotation, t)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference views and frame conversions
+
+
+def reference_ap_pose(isocenter_lps: Sequence[float] | Tensor, sod: float, dtype=torch.float64) -> Tensor:
+    """AP view: camera x = L, y = inferior, z = posterior; isocenter on the principal ray at sod.
+
+    Returns camera_from_ct (4, 4).
+    """
+    iso = torch.as_tensor(isocenter_lps, dtype=dtype).reshape(3)
+    # Rows of R are the camera axes expressed in LPS.
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=dtype)
+    t = torch.tensor([0.0, 0.0, float(sod)], dtype=dtype) - rot @ iso
+    return make_pose(rot, t)
+
+
+def c_arm_pose(
+    isocenter_lps: Sequence[float] | Tensor, sod: float, primary_deg: float = 0.0, secondary_deg: float = 0.0,
+    dtype=torch.float64,
+) -> Tensor:
+    """A C-arm view rotated from AP about the patient: primary angle (LAO+ / RAO-) about the
+    cranio-caudal axis and secondary angle (cranial+ / caudal-) about the left-right axis, as
+    DICOM PositionerPrimaryAngle / PositionerSecondaryAngle."""
+    iso = torch.as_tensor(isocenter_lps, dtype=dtype).reshape(3)
+    ap = reference_ap_pose(torch.zeros(3, dtype=dtype), sod, dtype)
+    # Rotating the C-arm by +a about the patient's S axis equals rotating the patient by -a.
+    rs = roma.rotvec_to_rotmat(torch.tensor([0.0, 0.0, -math.radians(primary_deg)], dtype=dtype))
+    rl = roma.rotvec_to_rotmat(torch.tensor([math.radians(secondary_deg), 0.0, 0.0], dtype=dtype))
+    patient = make_pose(rl @ rs, torch.zeros(3, dtype=dtype))
+    centre = make_pose(torch.eye(3, dtype=dtype), -iso)
+    return ap @ patient @ centre
+
+
+def ras_from_lps(m: Tensor) -> Tensor:
+    """Convert a (..., 4, 4) transform between LPS frames into the same transform between RAS
+    frames (or vice versa: the conversion is its own inverse)."""
+    flip = LPS_FROM_RAS.to(dtype=m.dtype, device=m.device)
+    return flip @ m @ flip
+
+
+def lps_to_ras_points(points: Tensor) -> Tensor:
+    return points * torch.tensor([-1.0, -1.0, 1.0], dtype=points.dtype, device=points.device)
+
+
+ras_to_lps_points = lps_to_ras_points
+
+
+def project_points(camera: Camera, pose: Tensor, points_ct: Tensor) -> Tensor:
+    """Pixel coordinates (u, v) of (..., N, 3) LPS points under camera_from_ct ``pose``."""
+    pc = transform_points(pose, points_ct)
+    k = camera.intrinsics(pc.dtype, pc.device)
+    uvw = pc @ k.T
+    return uvw[..., :2] / uvw[..., 2:3]
+
+
+def detector_points_mm(camera: Camera, pose: Tensor, points_ct: Tensor) -> Tensor:
+    """Projections of LPS points on the detector plane, in mm relative to the principal point."""
+    pc = transform_points(pose, points_ct)
+    return camera.sdd * pc[..., :2] / pc[..., 2:3]
