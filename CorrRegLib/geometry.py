@@ -269,20 +269,29 @@ def reference_ap_pose(isocenter_lps: Sequence[float] | Tensor, sod: float, dtype
 
 
 def c_arm_pose(
-    isocenter_lps: Sequence[float] | Tensor, sod: float, primary_deg: float = 0.0, secondary_deg: float = 0.0,
+    isocenter_lps: Sequence[float] | Tensor, sod: float, primary_deg: float = 180.0, secondary_deg: float = 0.0,
     dtype=torch.float64,
 ) -> Tensor:
-    """A C-arm view rotated from AP about the patient: primary angle (LAO+ / RAO-) about the
-    cranio-caudal axis and secondary angle (cranial+ / caudal-) about the left-right axis, as
-    DICOM PositionerPrimaryAngle / PositionerSecondaryAngle."""
+    """camera_from_ct for a C-arm at DICOM positioner angles, isocenter at depth ``sod``.
+
+    As DICOM (PositionerPrimaryAngle / PositionerSecondaryAngle) defines them, the angles give the
+    detector's position about the patient: primary 0 deg = detector in front of the chest, +90
+    = at the patient's left (LAO), -90 = right (RAO); secondary + towards the head (CRA), -
+    towards the feet (CAU). The camera z axis points from the isocenter to the detector, y is
+    the patient's inferior direction made orthogonal to z, x = y cross z. DESIGN.md's reference
+    AP view (beam anterior to posterior) is primary = 180, secondary = 0, the default.
+    """
     iso = torch.as_tensor(isocenter_lps, dtype=dtype).reshape(3)
-    ap = reference_ap_pose(torch.zeros(3, dtype=dtype), sod, dtype)
-    # Rotating the C-arm by +a about the patient's S axis equals rotating the patient by -a.
-    rs = roma.rotvec_to_rotmat(torch.tensor([0.0, 0.0, -math.radians(primary_deg)], dtype=dtype))
-    rl = roma.rotvec_to_rotmat(torch.tensor([math.radians(secondary_deg), 0.0, 0.0], dtype=dtype))
-    patient = make_pose(rl @ rs, torch.zeros(3, dtype=dtype))
-    centre = make_pose(torch.eye(3, dtype=dtype), -iso)
-    return ap @ patient @ centre
+    p, s = math.radians(primary_deg), math.radians(secondary_deg)
+    z = torch.tensor([math.sin(p) * math.cos(s), -math.cos(p) * math.cos(s), math.sin(s)], dtype=dtype)
+    down = torch.tensor([0.0, 0.0, -1.0], dtype=dtype)
+    if abs(float(down @ z)) > 0.999:  # looking along the body axis: use anterior as "down"
+        down = torch.tensor([0.0, -1.0, 0.0], dtype=dtype)
+    y = down - (down @ z) * z
+    y = y / y.norm()
+    x = torch.linalg.cross(y, z)
+    rot = torch.stack([x, y, z])
+    return make_pose(rot, torch.tensor([0.0, 0.0, float(sod)], dtype=dtype) - rot @ iso)
 
 
 def ras_from_lps(m: Tensor) -> Tensor:
