@@ -282,7 +282,7 @@ def _make_vertebrae(n: int, rng: np.random.Generator, lordosis_mm: float) -> lis
         tip = np.array([
             rng.normal(0.0, 0.8),
             b + float(rng.uniform(40.0, 47.0)) * s,
-            -float(rng.uniform(6.0, 13.0)),  # posterior-inferior
+            -float(rng.uniform(15.0, 20.0)),  # posterior-inferior (before the lordotic tilt)
         ])
         verts.append(_Vertebra(
             name=name, center=np.array([x, y, z]), rot=_rot(rx, ry, rz), scale=s, a=a, b=b, h=h,
@@ -313,7 +313,7 @@ def _grid_geometry(spacing, size_mm, direction, center_lps):
 
 def make_spine_phantom(
     spacing_mm: float | Sequence[float] = 2.0,
-    size_mm: Sequence[float] = (160.0, 160.0, 200.0),
+    size_mm: Sequence[float] | None = None,
     n_vertebrae: int = 5,
     ribs: bool = False,
     pelvis: bool = False,
@@ -330,6 +330,10 @@ def make_spine_phantom(
     Args:
         spacing_mm: voxel size (mm), one number or (sx, sy, sz) along the grid's i, j, k axes.
         size_mm: field of view along the grid axes (L-R, A-P, S-I for an identity direction).
+            None: 160 x 160 mm and a height that holds the spine (200 mm for five vertebrae),
+            plus 20 mm for ``ribs`` and 60 mm for ``pelvis``; the grid is then shifted along
+            S-I by half the extra, so the box covers them while the spine's middle stays at
+            ``center_lps``. An explicit size is centred on ``center_lps``.
         n_vertebrae: how many vertebrae, top to bottom ending at L5 (5 = L1..L5).
         ribs: add a pair of lower ribs above the top vertebra (label 30).
         pelvis: add a sacrum (label 40) below the bottom vertebra and iliac wings (label 41).
@@ -344,8 +348,13 @@ def make_spine_phantom(
     """
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    sp, n, d, origin = _grid_geometry(spacing_mm, size_mm, direction, center_lps)
     centre = np.asarray(center_lps, dtype=np.float64).reshape(3)
+    grid_centre = centre.copy()
+    if size_mm is None:
+        up, down = (20.0 if ribs else 0.0), (60.0 if pelvis else 0.0)
+        size_mm = (160.0, 160.0, n_vertebrae * _PITCH + 35.0 + up + down)
+        grid_centre[2] += (up - down) / 2
+    sp, n, d, origin = _grid_geometry(spacing_mm, size_mm, direction, grid_centre)
     width = float(np.mean(sp))  # antialiasing ramp width (mm)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     f32 = dict(dtype=torch.float32, device=dev)
@@ -481,13 +490,13 @@ def make_spine_phantom(
     if pelvis:
         bot = verts[-1]
         s1 = bot.center + bot.rot @ np.array([0.0, 3.0, -bot.h - _DISC_H - 14.0])
-        sacrum_rot = _rot(math.radians(-35.0), 0.0, 0.0)  # sacral slope: tilted backwards
+        sacrum_rot = _rot(math.radians(35.0), 0.0, 0.0)  # sacral slope: runs posterior-inferior
         tip = s1 + sacrum_rot @ np.array([0.0, 8.0, -70.0])
         # Sacrum: a wide plate tapering downwards; its top is the S1 body.
         sel, q = local_subset(np.zeros(3), np.eye(3), (np.minimum(s1, tip) - 60).tolist(), (np.maximum(s1, tip) + 60).tolist())
         if q.shape[0]:
             sd = torch.minimum(
-                _tube_sd(q, s1, tip, 17.0, 7.0, (2.6, 1.0, 0.9)),
+                _tube_sd(q, s1, tip, 17.0, 7.0, (2.6, 0.6, 1.0)),
                 _combine(_ellipse_sd(*(q - torch.tensor(s1, **f32))[:, :2].unbind(-1), _BODY_A * 1.05, _BODY_B * 1.05),
                          (q[:, 2] - float(s1[2])).abs() - 11.0),
             )
@@ -496,7 +505,7 @@ def make_spine_phantom(
         extra_landmarks["S1_body_center"] = s1
         canc_hu[SACRUM_LABEL] = HU_CANCELLOUS - 20.0
         for side in (1, -1):
-            c = np.array([side * 62.0, s1[1] + 10.0, s1[2] - 8.0])
+            c = np.array([side * 56.0, s1[1] + 10.0, s1[2] - 8.0])
             rot = _rot(math.radians(10.0), 0.0, side * math.radians(-35.0))
             axes = (6.0, 30.0, 38.0)  # thin plate, wide A-P and tall
             sel, q = local_subset(c, rot, [-20, -45, -50], [20, 45, 50])
