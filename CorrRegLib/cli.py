@@ -1,0 +1,349 @@
+"""The ``corrreg`` command: phantom, simulate, register, demo (and train/benchmark when present).
+
+Every length is in millimetres and every angle in degrees. With ``--json`` a command prints one
+JSON object on stdout and nothing else there; progress and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EPILOG = "Frames: CT in LPS mm; poses are camera_from_ct (see docs/conventions.md)."
+
+
+def _eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers shared by subcommands
+
+
+def _camera_from_args(args, xray=None):
+    """Camera from --camera JSON and/or --sdd/--pixel-spacing/--principal-point flags."""
+    from .geometry import Camera
+    from .io import read_camera_json
+
+    cam = read_camera_json(args.camera) if getattr(args, "camera", None) else None
+    if xray is not None and xray.camera is not None:
+        return xray.camera
+    if cam is None and not (args.sdd and args.pixel_spacing and getattr(args, "size", None)):
+        raise ValueError("camera geometry is missing: give --camera CAM.json or --sdd, --pixel-spacing and --size")
+    if cam is None:
+        return Camera(args.sdd, tuple(args.pixel_spacing), tuple(args.size), tuple(args.principal_point) if args.principal_point else None)
+    return cam
+
+
+def _add_camera_flags(p: argparse.ArgumentParser, with_size: bool = False) -> None:
+    g = p.add_argument_group("camera geometry (flags override --camera and DICOM tags)")
+    g.add_argument("--camera", metavar="CAM.json", help="camera JSON: sdd_mm, pixel_spacing_mm [dx, dy], size_px [W, H], principal_point_px")
+    g.add_argument("--sdd", type=float, metavar="MM", help="source-to-detector distance (mm)")
+    g.add_argument("--pixel-spacing", type=float, nargs=2, metavar=("DX", "DY"), help="detector pixel spacing (mm), columns then rows")
+    g.add_argument("--principal-point", type=float, nargs=2, metavar=("CX", "CY"), help="principal point (pixels); default: image centre")
+    if with_size:
+        g.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), help="detector size (pixels)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default: auto picks CUDA, then MPS, then CPU)")
+
+
+# ------------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_phantom(args) -> dict:
+    from .io import write_ct, write_targets_csv
+    from .phantom import make_spine_phantom
+
+    ph = make_spine_phantom(spacing_mm=args.spacing, seed=args.seed, ribs=args.ribs, pelvis=args.pelvis)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ct = write_ct(ph.volume, out / "ct.nrrd", pixel_type="int16")
+    import numpy as np
+    import SimpleITK as sitk
+
+    labels = sitk.GetImageFromArray(ph.labels.numpy().astype(np.int16))
+    labels.SetSpacing(ph.volume.spacing)
+    labels.SetOrigin(ph.volume.origin)
+    labels.SetDirection([v for row in ph.volume.direction for v in row])
+    sitk.WriteImage(labels, str(out / "labels.nrrd"), True)
+    write_targets_csv(ph.landmarks, out / "landmarks.csv", names=ph.landmark_names)
+    return {"ct": str(ct), "labels": str(out / "labels.nrrd"), "landmarks": str(out / "landmarks.csv"),
+            "shape_kji": list(ph.hu.shape), "spacing_mm": list(ph.volume.spacing)}
+
+
+def cmd_simulate(args) -> dict:
+    from .device import pick_device
+    from .io import read_ct, read_pose_json, write_xray
+    from .simulate import simulate_xray
+
+    device = pick_device(args.device)
+    volume = read_ct(args.ct).to(device)
+    camera = _camera_from_args(args)
+    pose = read_pose_json(args.pose)
+    sim = simulate_xray(volume, camera, pose.to(device), dose=args.dose, blur_mm=args.blur_mm, gamma=args.gamma,
+                        heel=args.heel, scatter=args.scatter, seed=args.seed, raw=args.raw)
+    image = sim.line_integral if args.raw else sim.image
+    path = write_xray(image.cpu(), args.out, camera=camera)
+    from .io import camera_json_path
+
+    return {"xray": str(path), "camera": str(camera_json_path(path)), "raw": bool(args.raw),
+            "size_px": list(camera.size), "dose": args.dose, "seed": args.seed}
+
+
+def _initial_pose(args, volume, camera, xray):
+    from .geometry import reference_ap_pose
+    from .io import read_pose_json, xray_initial_pose
+
+    if args.init:
+        return read_pose_json(args.init), f"--init {args.init}"
+    iso = volume.bone_center_lps()
+    if xray is not None and xray.metadata.get("positioner_primary_deg") is not None:
+        return xray_initial_pose(xray, iso, sod=args.sod), "DICOM positioner angles"
+    return reference_ap_pose(iso, args.sod), f"reference AP view (sod {args.sod:g} mm)"
+
+
+def cmd_register(args) -> dict:
+    from .io import read_ct, read_targets, read_xray, write_pose_itk, write_pose_json, write_xray
+    from .metrics import mtre
+    from .register import RegistrationSession
+    from .projector import Projector
+
+    volume = read_ct(args.ct)
+    xr = read_xray(args.xray, camera_json=args.camera, sdd=args.sdd, pixel_spacing=args.pixel_spacing,
+                   principal_point=args.principal_point)
+    camera = xr.camera
+    init, init_source = _initial_pose(args, volume, camera, xr)
+    session = RegistrationSession(volume, xr.image, camera, init, method=args.method, device=args.device,
+                                  model_dir=args.model, options=_options(args))
+    result = _run_with_progress(session, args.method, quiet=args.quiet)
+    extra = {"method": args.method, "loss": result.loss, "flagged": result.flagged, "message": result.message,
+             "iterations": result.iterations, "runtime_s": result.runtime_s, "initial_pose_source": init_source}
+    write_pose_json(result.pose, args.output, extra=extra)
+    out = {"camera_from_ct": result.pose.tolist(), "output": str(args.output), **extra}
+    if args.transform:
+        write_pose_itk(result.pose, args.transform)
+        out["transform"] = str(args.transform)
+    if args.drr or args.overlay:
+        proj = Projector(volume, camera)
+        with torch.no_grad():
+            drr_after = proj(result.pose.float())[0]
+            drr_before = proj(init.float())[0]
+        if args.drr:
+            write_xray(drr_after, args.drr, camera=camera)
+            out["drr"] = str(args.drr)
+        if args.overlay:
+            from .visualize import save_overlay
+
+            save_overlay(args.overlay, xr.image, drr_before, drr_after, title=f"corrreg register ({args.method})")
+            out["overlay"] = str(args.overlay)
+    if args.targets and args.truth:
+        from .io import read_pose_json
+
+        pts, _ = read_targets(args.targets)
+        truth = read_pose_json(args.truth)
+        out["initial_mtre_mm"] = float(mtre(init, truth, pts))
+        out["final_mtre_mm"] = float(mtre(result.pose, truth, pts))
+        out["success_2mm"] = out["final_mtre_mm"] < 2.0
+    return out
+
+
+def _options(args):
+    from .register import RegistrationOptions
+
+    return RegistrationOptions(seed=getattr(args, "seed", 0) or 0)
+
+
+def _run_with_progress(session, label: str, quiet: bool = False):
+    from tqdm.auto import tqdm
+
+    with tqdm(total=session.planned_iterations, desc=f"register ({label})", unit="it", file=sys.stderr,
+              disable=quiet, leave=False) as bar:
+        def update(st):
+            bar.n = st.iteration
+            bar.set_postfix_str(f"{st.stage}, loss {st.loss:.4f}")
+            bar.refresh()
+
+        return session.run(update)
+
+
+def default_demo_method() -> str:
+    """hybrid when a bundled network model ships with the package, else intensity."""
+    try:
+        from .model_store import bundled_model_dir  # provided by the network module when trained
+    except ImportError:
+        return "intensity"
+    return "hybrid" if bundled_model_dir() is not None else "intensity"
+
+
+def cmd_demo(args) -> dict:
+    from .metrics import mtre
+    from .phantom import small_phantom
+    from .projector import Projector
+    from .protocols import get_protocol, make_cases
+    from .register import RegistrationSession
+    from .simulate import simulate_xray
+
+    t0 = time.perf_counter()
+    method = args.method or default_demo_method()
+    _eprint(f"corrreg demo: building the spine phantom, simulating an X-ray, registering with '{method}'")
+    ph = small_phantom(seed=0)
+    protocol = get_protocol(args.protocol, detector_downsample=2)
+    camera = protocol.camera
+    iso = ph.volume.bone_center_lps()
+    case = make_cases(protocol, iso, args.seed + 1, seed=args.seed)[args.seed]
+    sim = simulate_xray(ph.volume, camera, case.true_pose, dose=1e4, blur_mm=0.6, gamma=1.0, heel=0.1,
+                        scatter=0.1, seed=args.seed)
+    session = RegistrationSession(ph.volume, sim.image, camera, case.initial_pose, method=method,
+                                  device=args.device, model_dir=args.model, options=_options(args))
+    result = _run_with_progress(session, method, quiet=args.quiet)
+    initial = float(mtre(case.initial_pose, case.true_pose, ph.landmarks))
+    final = float(mtre(result.pose, case.true_pose, ph.landmarks))
+    runtime = time.perf_counter() - t0
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from .io import write_pose_json
+
+    write_pose_json(result.pose, out_dir / "registered_pose.json", extra={"method": method})
+    write_pose_json(case.true_pose, out_dir / "true_pose.json")
+    files = {"pose": str(out_dir / "registered_pose.json"), "true_pose": str(out_dir / "true_pose.json")}
+    try:
+        from .visualize import save_convergence, save_overlay
+
+        proj = Projector(ph.volume, camera)
+        with torch.no_grad():
+            before, after = proj(case.initial_pose.float())[0], proj(result.pose.float())[0]
+        save_overlay(out_dir / "overlay.png", sim.image, before, after,
+                     title=f"mTRE {initial:.1f} mm -> {final:.2f} mm ({method})")
+        save_convergence(out_dir / "convergence.png", result.history, title=f"corrreg demo ({method})")
+        files.update(overlay=str(out_dir / "overlay.png"), convergence=str(out_dir / "convergence.png"))
+    except ImportError as err:
+        _eprint(f"(no pictures: {err})")
+    return {
+        "method": method,
+        "protocol": args.protocol,
+        "seed": args.seed,
+        "initial_mtre_mm": initial,
+        "final_mtre_mm": final,
+        "success_2mm": final < 2.0,
+        "flagged": result.flagged,
+        "iterations": result.iterations,
+        "runtime_s": runtime,
+        "registration_s": result.runtime_s,
+        "camera_from_ct": result.pose.tolist(),
+        "files": files,
+    }
+
+
+def _human(name: str, out: dict) -> str:
+    if name == "demo":
+        return (
+            f"initial mTRE {out['initial_mtre_mm']:.2f} mm -> final mTRE {out['final_mtre_mm']:.2f} mm "
+            f"({'success' if out['success_2mm'] else 'FAILED'} at 2 mm) with '{out['method']}' "
+            f"in {out['runtime_s']:.1f} s ({out['iterations']} iterations)\n"
+            + "\n".join(f"  {k}: {v}" for k, v in out["files"].items())
+        )
+    return json.dumps(out, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corrreg", description="Correlation-driven 2D/3D X-ray to CT registration.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="register a simulated X-ray of the built-in spine phantom", epilog=EPILOG)
+    p.add_argument("--seed", type=int, default=0, help="which seeded case (ground truth, noise, initial offset)")
+    p.add_argument("--out", default="corrreg-demo", help="folder for overlay.png, convergence.png and poses")
+    p.add_argument("--protocol", default="moderate", choices=["moderate", "paper"], help="initial-offset distribution (DESIGN.md)")
+    p.add_argument("--method", choices=["intensity", "cmaes", "network", "hybrid"], help="default: hybrid if a model is bundled, else intensity")
+    p.add_argument("--model", metavar="MODEL_DIR", help="trained network (for network/hybrid)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("phantom", help="write the procedural spine phantom (CT in HU, labels, landmarks)", epilog=EPILOG)
+    p.add_argument("--out", required=True, help="output folder (ct.nrrd, labels.nrrd, landmarks.csv)")
+    p.add_argument("--spacing", type=float, default=2.0, help="voxel size (mm)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ribs", action="store_true")
+    p.add_argument("--pelvis", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("simulate", help="simulate a realistic X-ray of a CT at a pose", epilog=EPILOG)
+    p.add_argument("--ct", required=True, help="CT image (NIfTI/NRRD/MHA or DICOM folder), in HU")
+    p.add_argument("--pose", required=True, metavar="POSE.json", help="camera_from_ct pose JSON")
+    p.add_argument("--out", required=True, metavar="XRAY.nrrd", help="output image; its camera JSON is written beside it")
+    p.add_argument("--dose", type=float, default=1e4, help="unattenuated photons per pixel (noise falls as 1/sqrt(dose))")
+    p.add_argument("--blur-mm", type=float, default=0.5, help="detector blur, Gaussian sigma at the detector (mm)")
+    p.add_argument("--gamma", type=float, default=1.0, help="contrast gamma applied after the log transform")
+    p.add_argument("--heel", type=float, default=0.0, help="heel effect: relative intensity change across the detector")
+    p.add_argument("--scatter", type=float, default=0.0, help="scatter-to-primary ratio")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--raw", action="store_true", help="write the noiseless line integral of attenuation (mm x 1/mm) instead")
+    p.add_argument("--json", action="store_true")
+    _add_camera_flags(p, with_size=True)
+    _add_device(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("register", help="register an X-ray to a CT", epilog=EPILOG)
+    p.add_argument("--ct", required=True, help="CT image (NIfTI/NRRD/MHA or DICOM folder), in HU")
+    p.add_argument("--xray", required=True, help="X-ray image (2D NRRD/MHA/NIfTI/PNG/TIFF or DICOM); dense structures bright")
+    p.add_argument("--init", metavar="POSE.json", help="initial camera_from_ct pose; default: DICOM positioner angles, else the AP view")
+    p.add_argument("--sod", type=float, default=700.0, help="source-to-isocenter distance for a default initial pose (mm)")
+    p.add_argument("--method", default="intensity", choices=["intensity", "cmaes", "network", "hybrid"], help="registration pipeline")
+    p.add_argument("--model", metavar="MODEL_DIR", help="trained network for network/hybrid")
+    p.add_argument("--output", required=True, metavar="POSE.json", help="registered pose (JSON, camera_from_ct in LPS)")
+    p.add_argument("--transform", metavar="T.tfm", help="also write an ITK transform (camera_from_ct, LPS; Slicer shows ct_from_camera)")
+    p.add_argument("--drr", metavar="DRR.nrrd", help="also write the DRR at the registered pose")
+    p.add_argument("--overlay", metavar="OVERLAY.png", help="also write DRR edges over the X-ray, before and after")
+    p.add_argument("--targets", help="targets (markups JSON, CSV, label map) to report mTRE against --truth")
+    p.add_argument("--truth", metavar="POSE.json", help="true pose, to report mTRE (evaluation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_camera_flags(p)
+    _add_device(p)
+    p.set_defaults(func=cmd_register)
+
+    for extra in ("train", "benchmark"):
+        try:
+            mod = __import__(f"CorrRegLib.cli_{extra}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        out = args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(err)}))
+        _eprint(f"corrreg {args.command}: error: {err}")
+        return 2
+    except KeyboardInterrupt:
+        _eprint(f"corrreg {args.command}: interrupted")
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(out))
+    else:
+        print(_human(args.command, out))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

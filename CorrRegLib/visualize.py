@@ -1,0 +1,94 @@
+"""Pictures of a registration: DRR edges over the X-ray, and convergence curves.
+
+matplotlib is an optional dependency (``pip install corrreg[plot]``); without it these
+functions raise an ImportError that says how to install it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'corrreg[plot]'") from err
+    return plt
+
+
+def _normalise(img: Tensor | np.ndarray) -> np.ndarray:
+    a = np.asarray(img.detach().cpu() if isinstance(img, torch.Tensor) else img, dtype=np.float64)
+    lo, hi = np.percentile(a, [1, 99])
+    return np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def edge_map(img: Tensor | np.ndarray, quantile: float = 0.9) -> np.ndarray:
+    """Boolean map of the strongest edges (Sobel magnitude above a quantile)."""
+    from .similarity import image_gradients
+
+    t = torch.as_tensor(np.asarray(_normalise(img)), dtype=torch.float32)[None, None]
+    gx, gy = image_gradients(t)
+    mag = (gx.square() + gy.square()).sqrt()[0, 0].numpy()
+    return mag > np.quantile(mag, quantile)
+
+
+def overlay_rgb(xray, drr, color=(1.0, 0.2, 0.1)) -> np.ndarray:
+    """(H, W, 3) image: the X-ray in grey with the DRR's edges painted in ``color``."""
+    base = _normalise(xray)
+    rgb = np.repeat(base[..., None], 3, axis=-1)
+    edges = edge_map(drr)
+    rgb[edges] = 0.35 * rgb[edges] + 0.65 * np.asarray(color)
+    return rgb
+
+
+def save_overlay(path: str | Path, xray, drr_before, drr_after, title: str = "") -> Path:
+    """Side-by-side PNG: DRR edges over the X-ray before and after registration."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8), dpi=110)
+    for ax, drr, label in zip(axes, (drr_before, drr_after), ("initial pose", "registered pose")):
+        ax.imshow(overlay_rgb(xray, drr), interpolation="nearest")
+        ax.set_title(f"{label}: DRR edges (red) on the X-ray", fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_convergence(path: str | Path, history: Sequence[dict], title: str = "") -> Path:
+    """Loss against iteration, one colour per stage (stages have their own loss scales)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    stages: dict[str, list[tuple[int, float]]] = {}
+    for h in history:
+        stages.setdefault(h["stage"], []).append((h["iteration"], h["loss"]))
+    for name, pts in stages.items():
+        it, loss = zip(*pts)
+        ax.plot(it, loss, ".-", ms=3, lw=1, label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (1 - similarity)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
