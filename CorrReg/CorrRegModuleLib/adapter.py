@@ -90,6 +90,17 @@ def checkRigid(m: np.ndarray, what: str = "transform", tol: float = 1e-4) -> np.
     return m
 
 
+def parentTransformID(node):
+    """ID of the node's parent transform, or None.
+
+    Uses GetParentTransformNode(): vtkMRMLTransformableNode.GetTransformNodeID() bumps the
+    node's MTime on its first call after a change, which would make read-only code look like it
+    modified an input node.
+    """
+    parent = node.GetParentTransformNode() if node is not None else None
+    return parent.GetID() if parent is not None else None
+
+
 def _toNumpyPose(pose) -> np.ndarray:
     if hasattr(pose, "detach"):
         pose = pose.detach().cpu().double().numpy()

@@ -139,12 +139,14 @@ class RegistrationRun:
         self._lastPose = None
         self._lastDRRTime = -math.inf
         self._lastDRRPose = None
+        self._cancelRequested = False
         self.startTime = time.perf_counter()
 
     # -- state -------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.result is not None or self.error is not None or self.session.done
+        """No more steps to take: finished, failed, converged or cancelled (then call finish)."""
+        return self.result is not None or self.error is not None or self.session.done or self._cancelRequested
 
     @property
     def finished(self) -> bool:
@@ -164,6 +166,8 @@ class RegistrationRun:
         DRR at most every ``drrUpdateInterval`` seconds)."""
         if self.finished:
             raise RuntimeError("this registration has already finished")
+        if self._cancelRequested:
+            raise RuntimeError("this registration was cancelled; call finish()")
         n = self.options.iterationsPerStep if n is None else n
         try:
             st = self.session.step(max(1, int(n)))
@@ -181,7 +185,8 @@ class RegistrationRun:
         return info
 
     def cancel(self) -> None:
-        """Stop at the next step; ``finish`` then keeps the best pose found so far."""
+        """Stop; ``finish`` then keeps the best pose found so far."""
+        self._cancelRequested = True
         self.session.cancel()
 
     def finish(self):
@@ -506,7 +511,7 @@ class CorrRegLogicCore:
         for node in _nodesOfClass(self.scene, "vtkMRMLVolumeNode"):
             if node.GetID() in allowed or node.GetAttribute(adapter.ROLE_ATTRIBUTE):
                 continue
-            if node.GetTransformNodeID() == outputTransformNode.GetID():
+            if adapter.parentTransformID(node) == outputTransformNode.GetID():
                 raise ValueError(
                     f"the output transform '{outputTransformNode.GetName()}' is already in use: it positions the volume "
                     f"'{node.GetName()}'. Choose or create another transform node")
@@ -719,8 +724,8 @@ class CorrRegLogicCore:
             outputTransformNode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode",
                                                           scene.GenerateUniqueName(f"{xrayNode.GetName()} camera pose"))
         # The pose is relative to the CT's own frame: the camera transform sits where the CT sits.
-        ctParentID = ctNode.GetTransformNodeID()
-        if outputTransformNode.GetTransformNodeID() != ctParentID:
+        ctParentID = adapter.parentTransformID(ctNode)
+        if adapter.parentTransformID(outputTransformNode) != ctParentID:
             outputTransformNode.SetAndObserveTransformNodeID(ctParentID)
         adapter.placeXrayNode(xrayNode, camera, outputTransformNode)
         nodes = {"ct": ctNode, "xray": xrayNode, "outputTransform": outputTransformNode}

@@ -207,7 +207,7 @@ def test_place_xray_moves_geometry_only(scene):
     image_mtime = node.GetImageData().GetMTime()
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "pose")
     A.placeXrayNode(node, camera, transform)
-    assert node.GetTransformNodeID() == transform.GetID()
+    assert A.parentTransformID(node) == transform.GetID()
     np.testing.assert_array_equal(A.ijkToRASArray(node), A.detectorIJKToRAS(camera))
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node)[0], image)
     assert node.GetImageData().GetMTime() == image_mtime

@@ -79,7 +79,7 @@ def _tracked_files(*paths: str) -> list[str]:
 
 
 def _cmake_words(path: Path) -> set[str]:
-    text = re.sub(r"#[^\n]*", "", path.read_text(encoding="utf-8"))
+    text = re.sub(r"#[^\n]*", "", path.read_text(encoding="utf-8")).replace("${MODULE_NAME}", "CorrReg")
     return set(re.findall(r"[A-Za-z0-9_./${}\-]+", text))
 
 
