@@ -33,9 +33,13 @@ from CorrRegModuleLib.logic import METHOD_LABELS, CorrRegLogicCore
 
 try:
     from slicer.i18n import tr as _
+    from slicer.i18n import translate
 except ImportError:  # Slicer < 5.4
 
     def _(text):
+        return text
+
+    def translate(context, text):
         return text
 
 
@@ -50,7 +54,7 @@ class CorrReg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("CorrReg X-ray to CT")
-        self.parent.categories = [_("Registration")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []  # torch comes from the PyTorch extension, checked at run time
         self.parent.contributors = ["CorrReg contributors"]
         self.parent.helpText = _("""
@@ -217,7 +221,10 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self._stopRun(cancel=True)
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None:
+            self.logic.abandon()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -231,7 +238,11 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        self._stopRun(cancel=True)
+        # The nodes are about to go: stop without writing into them.
+        if self._timer is not None:
+            self._timer.stop()
+        self.logic.abandon()
+        self._previewBase = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -407,18 +418,15 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- registration ----------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
-        missing = self.logic.missingDependencies()
-        if not missing:
+        """Offer to install missing packages (PyTorchUtils and pip_ensure each ask first)."""
+        if not self.logic.missingDependencies():
             return True
-        if not slicer.util.confirmOkCancelDisplay(
-                _("CorrReg needs these Python packages, which are not installed: ") + ", ".join(missing)
-                + _(".\nPyTorch is installed through the PyTorch extension. Install now? This can take minutes."),
-                _("CorrReg dependencies")):
-            return False
         with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies."), waitCursor=True):
-            if self.logic.installDependencies(askConfirmation=True):
-                return True
-        return not self.logic.missingDependencies()
+            self.logic.installDependencies(askConfirmation=True)
+        missing = self.logic.missingDependencies()
+        if missing:
+            self.ui.statusLabel.text = _("Not installed: ") + ", ".join(missing)
+        return not missing
 
     def onRegisterButton(self) -> None:
         if self.logic.isRunning:

@@ -52,6 +52,8 @@ REQUIRED_PACKAGES = ("torch", "roma", "cma", "safetensors", "tqdm")
 PIP_REQUIREMENTS = {"roma": "roma>=1.4", "cma": "cma>=3.3", "safetensors": "safetensors>=0.4", "tqdm": "tqdm>=4.60"}
 
 DRR_XRAY_ID_ATTRIBUTE = "CorrReg.XrayNodeID"
+#: The module's requirements file (the same list as PIP_REQUIREMENTS).
+REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources", "requirements.txt")
 
 
 def _nodesOfClass(scene, className):
@@ -270,7 +272,7 @@ class CorrRegLogicCore:
         for name in REQUIRED_PACKAGES:
             try:
                 importlib.import_module(name)
-            except ImportError:
+            except Exception:  # ImportError, or a broken/partial installation
                 missing.append(name)
         return missing
 
@@ -312,9 +314,16 @@ class CorrRegLogicCore:
                 import slicer.packaging as packaging
                 ensure = packaging.pip_ensure
             except (ImportError, AttributeError):
-                ensure = None
+                packaging = ensure = None
             if ensure is not None:
-                ensure(others, requester="CorrReg")
+                requirements = others
+                if os.path.exists(REQUIREMENTS_FILE) and hasattr(packaging, "load_requirements"):
+                    requirements = packaging.load_requirements(REQUIREMENTS_FILE)
+                try:
+                    ensure(requirements, prompt_install=askConfirmation, requester="CorrReg")
+                except RuntimeError as e:  # the user declined
+                    logging.info(f"CorrReg: dependencies not installed ({e})")
+                    return False
             else:
                 if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                         "CorrReg needs these Python packages: " + ", ".join(others) + ". Install them now?",
@@ -755,6 +764,14 @@ class CorrRegLogicCore:
         if self.currentRun is None:
             raise RuntimeError("no registration to finish")
         return self.currentRun.finish()
+
+    def abandon(self) -> None:
+        """Drop the current run without touching the scene (the scene is closing)."""
+        run = self.currentRun
+        if run is not None and not run.finished:
+            run.session.cancel()
+            run.error = RuntimeError("registration abandoned")
+        self.currentRun = None
 
     @property
     def isRunning(self) -> bool:

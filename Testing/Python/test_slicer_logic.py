@@ -330,3 +330,36 @@ def test_module_self_test_routine(phantom):
     assert report["mTRE"] < report["initial_mTRE"] and report["initial_mTRE"] > report["tolerance_mm"], report
     assert report["iterations"] <= 12 and report["result"].stage == "done"
     assert A.parentTransformID(report["case"]["xray"]) == report["transform"].GetID()
+
+
+def test_camera_geometry_from_the_xray_file(tmp_path):
+    """Fields the GUI fills from a DICOM X-ray's tags (file found through its storage node)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray((np.random.default_rng(0).random((40, 50)) * 1000).astype(np.uint16))
+    image.SetSpacing((0.25, 0.3))
+    for tag, value in {"0008|0060": "XA", "0018|1110": "1020.5", "0018|1111": "710", "0018|1510": "15.5",
+                       "0018|1511": "-4"}.items():
+        image.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "fluoro.dcm"))
+    writer.Execute(image)
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fluoro")
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(image).astype(np.float32)[None])
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(tmp_path / "fluoro.dcm"))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    logic = CorrRegLogicCore(scene)
+    geo = logic.cameraGeometryFromNode(node)
+    assert geo["sdd"] == pytest.approx(1020.5) and geo["sod"] == pytest.approx(710.0)
+    assert geo["primaryAngle"] == pytest.approx(15.5) and geo["secondaryAngle"] == pytest.approx(-4.0)
+    assert geo["pixelSpacing"] == pytest.approx((0.25, 0.3))
+    assert "0018,1110" in geo["sources"]["sdd"]
+    camera = logic.cameraForNode(node)
+    assert camera.sdd == pytest.approx(1020.5) and camera.size == (50, 40)
+    # Explicit values (the GUI fields) win; the node attribute wins over the file.
+    assert logic.cameraForNode(node, sdd=900.0).sdd == 900.0
+    node.SetAttribute(A.GEOMETRY_ATTRIBUTE, '{"sdd_mm": 1111.0}')
+    assert logic.cameraForNode(node).sdd == 1111.0
