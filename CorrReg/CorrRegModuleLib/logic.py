@@ -613,7 +613,10 @@ class CorrRegLogicCore:
             sliceCompositeNode.SetForegroundOpacity(float(opacity))
             sliceCompositeNode.EndModify(wasModifying)
         if sliceNode is not None:
-            self.alignSliceNodeToImage(sliceNode, xrayNode, fit=True)
+            # Fit the field of view once per (view, X-ray); later updates keep the user's zoom.
+            key = (sliceNode.GetID(), xrayNode.GetID())
+            self.alignSliceNodeToImage(sliceNode, xrayNode, fit=self._previewCache.get("fitted") != key)
+            self._previewCache["fitted"] = key
 
     def setOverlayOpacity(self, opacity, sliceCompositeNode=None):
         node = sliceCompositeNode

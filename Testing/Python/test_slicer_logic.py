@@ -142,6 +142,8 @@ def test_gui_stepping_registers_and_updates_the_scene_live(case):
     np.testing.assert_allclose(slice_to_ras[:3, 1], -rows, atol=1e-9)  # row 0 at the top
     centre = plane @ np.array([(SIZE - 1) / 2, (SIZE - 1) / 2, 0.0, 1.0])
     np.testing.assert_allclose(slice_to_ras[:3, 3], centre[:3], atol=1e-6)
+    width_mm = SIZE * case["camera"].pixel_spacing[0]
+    assert case["slice"].GetFieldOfView()[0] == pytest.approx(1.05 * width_mm)  # the whole X-ray in view
 
     # Inputs: the CT is untouched, the X-ray's pixels too.
     after = _volume_snapshot(ct)
