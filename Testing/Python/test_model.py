@@ -36,6 +36,16 @@ from CorrRegLib.projector import Projector
 TINY = dict(input_size=32, stem_channels=4, stage_channels=(8, 8), head_hidden=(16,), head_pool=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many small tensor ops: one intra-op thread is much faster than two on a busy 2-core
+    machine (OpenMP threads wait on each other), and results do not depend on the count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _scramble(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
     """Move every weight away from its initial value, as training would."""
     g = torch.Generator().manual_seed(seed)
