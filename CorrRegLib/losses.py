@@ -53,17 +53,20 @@ def geodesic_direction(pose: Tensor, true_pose: Tensor, isocenter_ct: Tensor) ->
     distance ``|| log( C^-1 pose(delta) true^-1 C ) ||^2`` between the perturbed pose and the
     truth, in the isocenter-centred camera frame (C = T(c)). It points *away* from the truth;
     its negative is the direction towards it. Computed in float64 by autograd."""
-    pose = pose.detach().double()
-    true_pose = true_pose.detach().double()
+    device = pose.device
+    # on the CPU: float64 everywhere (Apple MPS has no float64), and it is only (B, 6) numbers
+    pose = pose.detach().double().cpu()
+    true_pose = true_pose.detach().double().cpu()
+    iso = torch.as_tensor(isocenter_ct).detach().double().cpu()
     with torch.enable_grad():
-        delta = torch.zeros(pose.shape[0], 6, dtype=torch.float64, device=pose.device, requires_grad=True)
-        c = isocenter_in_camera(pose, isocenter_ct.double())
-        eye = torch.eye(3, dtype=torch.float64, device=pose.device).expand(pose.shape[0], 3, 3)
+        delta = torch.zeros(pose.shape[0], 6, dtype=torch.float64, requires_grad=True)
+        c = isocenter_in_camera(pose, iso)
+        eye = torch.eye(3, dtype=torch.float64).expand(pose.shape[0], 3, 3)
         to_c, from_c = make_pose(eye, c), make_pose(eye, -c)
-        rel = from_c @ twist_about_isocenter(pose, delta, isocenter_ct.double()) @ invert_pose(true_pose) @ to_c
+        rel = from_c @ twist_about_isocenter(pose, delta, iso) @ invert_pose(true_pose) @ to_c
         dist2 = se3_log(rel).pow(2).sum()
         (grad,) = torch.autograd.grad(dist2, delta)
-    return grad
+    return grad.to(device)
 
 
 def unit_parts(v: Tensor, eps: float = DIRECTION_EPS) -> tuple[Tensor, Tensor]:
@@ -95,7 +98,7 @@ def pose_gradient(net, projector, xray: Tensor, pose: Tensor, isocenter_ct: Tens
     single = pose.dim() == 2
     poses = pose[None] if single else pose
     dtype = torch.float64 if poses.dtype == torch.float64 else torch.float32
-    iso = torch.as_tensor(isocenter_ct, dtype=dtype, device=poses.device)
+    iso = torch.as_tensor(isocenter_ct).to(device=poses.device, dtype=dtype)
     with torch.enable_grad():
         delta = torch.zeros(poses.shape[0], 6, dtype=dtype, device=poses.device, requires_grad=True)
         moved = twist_about_isocenter(poses.to(dtype), delta, iso)
@@ -178,10 +181,10 @@ def appro_loss(
     if exact is None:
         exact = getattr(net, "adapter", None) is not None
     b = pose.shape[0]
-    dtype = torch.float32
-    iso = torch.as_tensor(isocenter_ct, dtype=dtype, device=pose.device)
-    base = pose.detach().to(dtype)
-    delta = torch.zeros(b, 6, dtype=dtype, device=pose.device, requires_grad=True)
+    dtype, dev = torch.float32, xray.device
+    iso = torch.as_tensor(isocenter_ct).to(device=dev, dtype=dtype)
+    base = pose.detach().to(device=dev, dtype=dtype)
+    delta = torch.zeros(b, 6, dtype=dtype, device=dev, requires_grad=True)
     drr = projector(twist_about_isocenter(base, delta, iso))
     if exact:
         score, feats = net(xray, drr, return_features=True)
@@ -192,7 +195,7 @@ def appro_loss(
         (u,) = torch.autograd.grad(score.sum(), drr_in, create_graph=True)
         (value,) = torch.autograd.grad(drr, delta, grad_outputs=u.detach())
         grad = _ProjectorJacobianTranspose.apply(u, value, projector, base, iso, fd_step_mm)
-    target = geodesic_direction(pose, true_pose, iso.double()).to(grad)
+    target = geodesic_direction(pose, true_pose, iso).to(grad)
     g_r, g_t = unit_parts(grad)
     t_r, t_t = unit_parts(target)
     # a part of the target with no length (already right) is ignored for that sample

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .geometry import Camera, euler_to_rotation, make_pose, reference_ap_pose
 from .losses import (
@@ -168,7 +167,7 @@ def _held_out(cts: Sequence[Volume], isos: Sequence[Tensor], camera: Camera, n: 
     held = []
     for i in range(n):
         ct = i % len(cts)
-        truth, pose = sample_cases(gen, 1, isos[ct].cpu(), ranges, full_range=True)
+        truth, pose = sample_cases(gen, 1, isos[ct], ranges, full_range=True)
         xray = simulate_training_xray(cts[ct], camera, truth, gen, projectors[ct])
         held.append(_Held(ct, truth[0], pose[0], xray[0]))
     return held
@@ -186,12 +185,12 @@ def validate(net: CorrelationNet, projectors: Sequence, held: Sequence[_Held], i
     for ct, items in by_ct.items():
         for s in range(0, len(items), batch_size):
             chunk = items[s : s + batch_size]
-            poses = torch.stack([h.pose for h in chunk]).to(dev)
-            truths = torch.stack([h.true_pose for h in chunk]).to(dev)
+            poses = torch.stack([h.pose for h in chunk])  # float64 on the CPU
+            truths = torch.stack([h.true_pose for h in chunk])
             xr = torch.stack([h.xray for h in chunk]).to(dev)
-            res = pose_gradient(net, projectors[ct], xr, poses.float(), isos[ct].to(dev))
-            target = geodesic_direction(poses, truths, isos[ct].to(dev))
-            g_r, g_t = unit_parts(res.grad.double())
+            res = pose_gradient(net, projectors[ct], xr, poses.float().to(dev), isos[ct].float().to(dev))
+            target = geodesic_direction(poses, truths, isos[ct]).cpu()
+            g_r, g_t = unit_parts(res.grad.cpu().double())
             t_r, t_t = unit_parts(target)
             cos_r.append((g_r * t_r).sum(-1))  # grad vs away-from-truth == -grad vs towards-truth
             cos_t.append((g_t * t_t).sum(-1))
@@ -477,7 +476,7 @@ def train(
     if len(labels) != len(cts):
         raise ValueError(f"got {len(labels)} label maps for {len(cts)} CTs")
     cts = [v.to(device=device) for v in cts]
-    isos = [_isocenter(v, lab).to(device) for v, lab in zip(cts, labels)]
+    isos = [_isocenter(v, lab) for v, lab in zip(cts, labels)]  # float64, CPU
     plain = [Projector(v, train_cam, samples_per_voxel=samples_per_voxel).to(device) for v in cts]
     # X-rays come from a denser renderer than the DRRs (as in evaluation), so the network never
     # sees the training renderer's exact output as its X-ray.
@@ -489,7 +488,7 @@ def train(
     pool_gen = torch.Generator().manual_seed(20_000_033 + seed)
     pool_truth, pool_li = [], []
     for i in range(len(cts)):
-        truths = sample_truths(pool_gen, max(1, xray_pool), isos[i].cpu(), ranges)
+        truths = sample_truths(pool_gen, max(1, xray_pool), isos[i], ranges)
         with torch.no_grad():
             li = torch.cat([sim[i](truths[j : j + 16].to(device=device, dtype=torch.float32)).cpu()
                             for j in range(0, truths.shape[0], 16)])
@@ -544,12 +543,12 @@ def train(
         ct = int(torch.randint(0, len(cts), (1,), generator=gen))
         idx = torch.randint(0, pool_truth[ct].shape[0], (batch_size,), generator=gen)
         truth = pool_truth[ct][idx]
-        pose = sample_offsets(gen, truth, isos[ct].cpu(), ranges)
+        pose = sample_offsets(gen, truth, isos[ct], ranges)
         xray = degrade_training_xrays(pool_li[ct][idx], train_cam, gen).to(device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warm)
         proj = projector_for(ct)
-        res = appro_loss(net, proj, xray, pose.to(device), truth.to(device), isos[ct], return_features=True)
+        res = appro_loss(net, proj, xray, pose, truth, isos[ct], return_features=True)
         l_dec = decomposition_loss(res.features) if use_decomp else torch.zeros((), device=device)
         total = weighting(res.loss, l_dec) if use_decomp else res.loss
         opt.zero_grad(set_to_none=True)

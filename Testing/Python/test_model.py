@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from CorrRegLib.geometry import Camera, euler_to_rotation, reference_ap_pose, se3_exp
+from CorrRegLib.geometry import Camera, euler_to_rotation, reference_ap_pose
 from CorrRegLib.losses import (
     UncertaintyWeighting,
     appro_loss,
