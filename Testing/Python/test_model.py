@@ -320,11 +320,11 @@ def test_pose_gradient_matches_finite_difference(scene):
     res = pose_gradient(net, proj, xray, pose.float(), iso)
     assert res.grad.shape == (2, 6) and res.score.shape == (2,)
     assert res.drr.shape == (2, 1, 32, 32)
-    k, h = 3, 0.2  # translation along x, mm
+    k, h = 3, 0.01  # translation along x, mm (small: the DRR is piecewise smooth in the pose)
     d = torch.zeros(2, 6)
     d[:, k] = h
     with torch.no_grad():
         sp = net(xray, proj(twist_about_isocenter(pose.float(), d, iso.float())))
         sm = net(xray, proj(twist_about_isocenter(pose.float(), -d, iso.float())))
     fd = (sp - sm) / (2 * h)
-    assert torch.allclose(res.grad[:, k], fd, rtol=0.1, atol=1e-3 * fd.abs().max().item())
+    assert torch.allclose(res.grad[:, k], fd, rtol=0.05, atol=1e-3 * fd.abs().max().item())
