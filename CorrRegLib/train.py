@@ -176,7 +176,8 @@ def _held_out(cts: Sequence[Volume], isos: Sequence[Tensor], camera: Camera, n: 
 def validate(net: CorrelationNet, projectors: Sequence, held: Sequence[_Held], isos: Sequence[Tensor],
              batch_size: int = 8) -> dict:
     """Share of held-out cases whose descent direction -grad has a positive cosine with the
-    direction towards the truth, for the rotation part, the translation part and both."""
+    direction towards the truth, for the rotation part, the translation part and both; the mean
+    cosines; and L_appro on these cases (without the noise of the training batches)."""
     cos_r, cos_t = [], []
     dev = next(net.parameters()).device
     by_ct: dict[int, list[_Held]] = {}
@@ -202,6 +203,8 @@ def validate(net: CorrelationNet, projectors: Sequence, held: Sequence[_Held], i
         "both_share": float(((cr > 0) & (ct_ > 0)).double().mean()),
         "mean_cos_rotation": float(cr.mean()),
         "mean_cos_translation": float(ct_.mean()),
+        # L_appro on these cases: |u_r - t_r|^2 + |u_t - t_t|^2 = (2 - 2 cos_r) + (2 - 2 cos_t)
+        "appro_loss": float((4.0 - 2.0 * cr - 2.0 * ct_).mean()),
     }
 
 

@@ -87,10 +87,15 @@ def test_one_training_step_changes_the_weights(phantom, tmp_path):
 
 
 def test_short_seeded_run_lowers_appro_loss(short_run):
+    # the training batches are small and noisy: their loss must fall, by how much is measured
+    # below on a fixed held-out set
     appro = [h["appro"] for h in short_run.history]
     assert len(appro) == SHORT_STEPS
     first, last = sum(appro[:10]) / 10, sum(appro[-10:]) / 10
-    assert last < first - 0.3, (first, last)
+    assert last < first, (first, last)
+    # L_appro (0 = aligned, 4 = orthogonal, 8 = opposite) on the same held-out cases before and after
+    before, after = short_run.validation[0]["appro_loss"], short_run.validation[-1]["appro_loss"]
+    assert after < before - 0.5, (before, after)
 
 
 def test_training_turns_the_pose_gradient_towards_the_truth(short_run):
