@@ -176,10 +176,8 @@ def _run_with_progress(session, label: str, quiet: bool = False):
 
 def default_demo_method() -> str:
     """hybrid when a bundled network model ships with the package, else intensity."""
-    try:
-        from .model_store import bundled_model_dir  # provided by the network module when trained
-    except ImportError:
-        return "intensity"
+    from .register import bundled_model_dir
+
     return "hybrid" if bundled_model_dir() is not None else "intensity"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -72,6 +73,20 @@ class RegistrationOptions:
     cmaes_generations: int = 60
     cmaes_similarity: str = "ncc"
     cmaes_level: Level = Level(32, 0, 0.0)
+    # False: stop after the global search (CMA-ES alone / network alone), no gradient refinement.
+    refine: bool = True
+    # Network-guided descent (methods "network" and "hybrid"): unit steps along the network's
+    # pose gradient, rotation and translation parts normalised separately (as L_appro trains
+    # them), shrinking geometrically; stops when the smoothed score stalls.
+    network_iterations: int = 120
+    network_step_deg: float = 2.0
+    network_step_mm: float = 6.0
+    network_decay: float = 0.97
+    network_patience: int = 20
+    # "hybrid" only: a local CMA-ES search between the network and the refinement (the paper
+    # follows every learned method with CMA-ES), with these offsets in degrees and mm.
+    hybrid_cmaes: bool = False
+    hybrid_cmaes_sigma: tuple[float, ...] = (5.0, 5.0, 5.0, 10.0, 10.0, 20.0)
     seed: int = 0
 
 
@@ -173,6 +188,7 @@ class RegistrationSession:
         self._network = None
         if method in ("network", "hybrid"):
             self._network = _load_network(model_dir, camera, self.device)
+            self.model_dir = self._network[2]
         self._pyramid: dict[int, Volume] = {1: volume}
         self._projectors: dict[tuple[float, int], Projector] = {}
         self._sod = float(transform_points(self.initial_pose, self.isocenter.reshape(1, 3))[0, 2])
@@ -265,6 +281,10 @@ class RegistrationSession:
 
     def _level_projector(self, level: Level) -> Projector:
         """The projector for a schedule level, resolving its detector and CT resolution."""
+        return self._projector(*self._level_factors(level))
+
+    def _level_factors(self, level: Level) -> tuple[float, int]:
+        """(detector downsampling, CT downsampling) of a schedule level."""
         factor = max(1.0, self.camera.width / max(1, level.detector_px))
         vf = level.volume_factor
         if vf is None:
@@ -272,7 +292,7 @@ class RegistrationSession:
             vf = 1
             while min(self.volume.spacing) * vf * 2 <= level.voxel_slack * pixel_at_iso and min(self.volume.data.shape) // (vf * 2) >= 8:
                 vf *= 2
-        return self._projector(factor, vf)
+        return factor, vf
 
     def _projector(self, detector_factor: float, volume_factor: int) -> Projector:
         key = (float(detector_factor), int(volume_factor))
@@ -299,11 +319,13 @@ class RegistrationSession:
 
     def _planned_iterations(self) -> int:
         o = self.options
-        total = sum(lv.max_iterations for lv in o.levels)
+        total = sum(lv.max_iterations for lv in o.levels) if o.refine else 0
         if self.method in ("cmaes",):
             total += o.cmaes_generations
         if self.method in ("network", "hybrid"):
-            total += _NETWORK_ITERATIONS
+            total += o.network_iterations
+            if self.method == "hybrid" and o.hybrid_cmaes:
+                total += o.cmaes_generations
         return total
 
     def _record(self, loss: float, pose: Tensor, stage: str, better_is_lower: bool = True) -> None:
@@ -322,7 +344,12 @@ class RegistrationSession:
             yield from self._cmaes_stage()
         if self.method in ("network", "hybrid"):
             yield from self._network_stage()
-        yield from self._gradient_stages()
+        if self.method == "hybrid" and self.options.hybrid_cmaes:
+            yield from self._cmaes_stage(self.options.hybrid_cmaes_sigma)
+        if self.method == "network":
+            return
+        if self.options.refine:
+            yield from self._gradient_stages()
 
     # ---- stages ---------------------------------------------------------------------------------
     def _stage_start(self, stage: str) -> Tensor:
@@ -371,7 +398,7 @@ class RegistrationSession:
                 opt.step()
                 sched.step(loss)
 
-    def _cmaes_stage(self) -> Iterator[None]:
+    def _cmaes_stage(self, sigma: Sequence[float] | None = None) -> Iterator[None]:
         import cma
 
         o = self.options
@@ -384,7 +411,7 @@ class RegistrationSession:
         scale = np.array([o.rotation_scale_mm * math.pi / 180.0] * 3 + [1.0] * 3)  # deg -> mm of arc
         es = cma.CMAEvolutionStrategy(
             np.zeros(6), 1.0,
-            {"CMA_stds": list(o.cmaes_sigma), "popsize": o.cmaes_population, "seed": o.seed + 1,
+            {"CMA_stds": list(sigma or o.cmaes_sigma), "popsize": o.cmaes_population, "seed": o.seed + 1,
              "maxiter": o.cmaes_generations, "verbose": -9, "tolfun": 1e-5},
         )
         while not es.stop():
@@ -403,19 +430,88 @@ class RegistrationSession:
             yield
 
     def _network_stage(self) -> Iterator[None]:
-        raise ValueError(_NO_MODEL_MESSAGE)  # replaced once the network exists
-        yield  # pragma: no cover
+        """Descend the learned similarity through network and projector (ProST's schedule)."""
+        from .losses import pose_gradient, twist_about_isocenter
+
+        o = self.options
+        net, net_camera, _ = self._network
+        stage = "network"
+        pose = self._stage_start(stage).to(self.device)
+        proj = self._level_projector(Level(net_camera.width, 0, 0.0))
+        fixed, _ = self._fixed_at(proj.camera)
+        iso = self.isocenter.to(self.device, torch.float32)
+        step_r, step_t = math.radians(o.network_step_deg), o.network_step_mm
+        smooth, best_smooth, stale = None, math.inf, 0
+        for _ in range(o.network_iterations):
+            pg = pose_gradient(net, proj, fixed, pose[None].float(), iso)
+            score, grad = float(pg.score[0]), pg.grad[0].double()
+            if not (math.isfinite(score) and torch.isfinite(grad).all()):
+                self._flag(f"{stage}: the network score became NaN at iteration {self._iteration}; kept the best pose")
+                break
+            if not bool((pg.drr > 0).any()):
+                self._flag(f"{stage}: the CT left the field of view at iteration {self._iteration}; kept the best pose")
+                break
+            self._record(score, pose, stage)
+            yield
+            smooth = score if smooth is None else 0.8 * smooth + 0.2 * score
+            if smooth < best_smooth - 1e-6:
+                best_smooth, stale = smooth, 0
+            else:
+                stale += 1
+                if stale >= o.network_patience:
+                    break
+            ur = grad[:3] / grad[:3].norm().clamp_min(1e-12)
+            ut = grad[3:] / grad[3:].norm().clamp_min(1e-12)
+            delta = -torch.cat([step_r * ur, step_t * ut])
+            pose = twist_about_isocenter(pose[None], delta[None], iso.double())[0].detach()
+            step_r *= o.network_decay
+            step_t *= o.network_decay
 
 
-_NETWORK_ITERATIONS = 0
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "compact"
+
 _NO_MODEL_MESSAGE = (
     "no trained network model is available: train one with `corrreg train` and pass --model DIR, "
     "or use --method intensity or --method cmaes"
 )
 
 
+def bundled_model_dir() -> Path | None:
+    """The compact model shipped with the package, if this installation has one."""
+    return BUNDLED_MODEL_DIR if (BUNDLED_MODEL_DIR / "config.json").is_file() else None
+
+
 def _load_network(model_dir, camera: Camera, device: torch.device):
-    raise ValueError(_NO_MODEL_MESSAGE)
+    """(network, the camera it runs at, its directory); refuses a model made for another C-arm."""
+    model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
+    if model_dir is None:
+        raise ValueError(_NO_MODEL_MESSAGE)
+    from .train import load_model
+
+    try:
+        net, cfg = load_model(model_dir, device)
+    except ValueError as err:
+        raise ValueError(f"cannot use the network model in {model_dir}: {err}") from None
+    if cfg.get("camera") is None:
+        raise ValueError(f"{model_dir}: the model's config does not record the camera it was trained for")
+    trained = Camera.from_dict(cfg["camera"])
+    check_model_camera(trained, camera, model_dir)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, trained, model_dir
+
+
+def check_model_camera(trained: Camera, camera: Camera, model_dir=None) -> None:
+    """A network sees images of one C-arm geometry: refuse another sdd or field of view (>5%)."""
+    fov = lambda c: (c.width * c.pixel_spacing[0], c.height * c.pixel_spacing[1])
+    a, b = fov(trained), fov(camera)
+    off = max(abs(trained.sdd / camera.sdd - 1), abs(a[0] / b[0] - 1), abs(a[1] / b[1] - 1))
+    if off > 0.05:
+        raise ValueError(
+            f"the network {model_dir or ''} was trained for another camera (sdd {trained.sdd:.0f} mm, field of view "
+            f"{a[0]:.0f} x {a[1]:.0f} mm) than this X-ray's (sdd {camera.sdd:.0f} mm, {b[0]:.0f} x {b[1]:.0f} mm); "
+            "train a model for this C-arm with `corrreg train`"
+        )
 
 
 def _check_xray(xray: Tensor, camera: Camera) -> Tensor:
