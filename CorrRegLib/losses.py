@@ -168,9 +168,9 @@ def appro_loss(
     """ProST's double-backward loss. The network's score gradient with respect to the pose twist
     (kept in the graph, ``create_graph=True``) should point along the gradient of the geodesic
     distance to the truth: both point *away* from the truth, so descending the score approaches
-    it. Rotation and translation parts are made unit vectors separately and compared by the
-    squared difference 2 - 2 cos (per part: 0 aligned, 2 orthogonal, 4 opposite). Samples at
-    the true pose (no direction) contribute nothing.
+    it. Rotation and translation parts are made unit vectors separately and compared by their
+    squared difference, evaluated as 2 - 2 cos (per part: 0 aligned, 2 orthogonal or vanishing
+    gradient, 4 opposite). A part whose target is zero (already at the truth) contributes nothing.
 
     ``exact=True`` differentiates twice through network *and* projector with autograd.
     ``exact=False`` (the default unless the network has a volume adapter, whose weights change
@@ -198,14 +198,17 @@ def appro_loss(
     target = geodesic_direction(pose, true_pose, iso).to(grad)
     g_r, g_t = unit_parts(grad)
     t_r, t_t = unit_parts(target)
-    # a part of the target with no length (already right) is ignored for that sample
-    has_r = (target[:, :3].norm(dim=-1) > 1e-9).to(grad)
+    cos_r, cos_t = (g_r * t_r).sum(-1), (g_t * t_t).sum(-1)
+    # |g^ - t^|^2 = 2 - 2 cos for unit vectors. Written as 2 - 2 cos it also holds when the
+    # network's gradient vanishes (g^ = 0 scores 2, like a random direction); the literal squared
+    # difference would score 1 there and reward a network whose pose gradient collapses.
+    has_r = (target[:, :3].norm(dim=-1) > 1e-9).to(grad)  # a part already right is skipped
     has_t = (target[:, 3:].norm(dim=-1) > 1e-9).to(grad)
-    per_sample = has_r * (g_r - t_r).pow(2).sum(-1) + has_t * (g_t - t_t).pow(2).sum(-1)
+    per_sample = has_r * (2.0 - 2.0 * cos_r) + has_t * (2.0 - 2.0 * cos_t)
     return ApproLoss(
         per_sample.mean(),
-        (g_r * t_r).sum(-1).detach(),
-        (g_t * t_t).sum(-1).detach(),
+        cos_r.detach(),
+        cos_t.detach(),
         score.detach(),
         feats if return_features else None,
     )

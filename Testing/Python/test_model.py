@@ -282,6 +282,21 @@ def test_appro_loss_and_uncertainty_weighting_reach_all_parameters(scene):
         assert sum(p.grad.abs().sum() for p in mod.parameters() if p.grad is not None) > 0, name
 
 
+def test_appro_loss_does_not_reward_a_vanishing_pose_gradient(scene):
+    """A network with a constant score (no pose gradient) must score like a random direction
+    (2 per part), not better; otherwise training can collapse into it."""
+    proj, iso, truth, pose, xray = scene
+    torch.manual_seed(12)
+    net = build_model("compact", **TINY)
+    with torch.no_grad():
+        for head in (net.head_global, net.head_local):
+            head.value.weight.zero_()
+            head.value.bias.zero_()
+    res = appro_loss(net, proj, xray, pose, truth, iso)
+    assert res.loss.item() == pytest.approx(4.0, abs=1e-6)
+    assert res.cos_rotation.abs().max() < 1e-6
+
+
 def test_appro_loss_finite_difference_jvp_matches_exact_double_backward(scene):
     proj, iso, truth, pose, xray = scene
     torch.manual_seed(10)
