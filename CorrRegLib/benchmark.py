@@ -21,6 +21,7 @@ The methods are the rows of :data:`METHODS`, the one table that maps a benchmark
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -205,14 +206,19 @@ def bone_voxel_targets(volume: Volume, n: int = 20, seed: int = 0) -> Tensor:
     return (ijk1 @ volume.lps_from_index().T)[:, :3]
 
 
+@functools.lru_cache(maxsize=2)
+def _phantom(spacing_mm: float):
+    from .phantom import make_spine_phantom
+
+    return make_spine_phantom(spacing_mm=spacing_mm, seed=0)  # deterministic: built once per process
+
+
 def _load_ct(config: BenchmarkConfig):
     """(volume, default targets or None, default targets' names, description)."""
     if _is_phantom(config.ct):
-        from .phantom import make_spine_phantom
-
-        ph = make_spine_phantom(spacing_mm=config.phantom_spacing_mm, seed=0)
+        ph = _phantom(float(config.phantom_spacing_mm))
         desc = f"built-in spine phantom (L1-L5, {config.phantom_spacing_mm:g} mm voxels, seed 0)"
-        return ph.volume, ph.landmarks.double(), list(ph.landmark_names), desc
+        return ph.volume, ph.landmarks.double().clone(), list(ph.landmark_names), desc
     from .io import read_ct
 
     p = Path(config.ct)
@@ -572,7 +578,8 @@ def write_summary_md(path: Path, summary: dict) -> None:
         f"* X-rays: simulated per case with {', '.join(f'{k}={v:g}' for k, v in s['xray'].items())} and a per-case noise seed",
         f"* start: {'the protocol initial pose' if s['start'] == 'initial' else 'the ground-truth pose (sanity check)'}; "
         f"initial mTRE median {_fmt(ini['median'])} mm, p75 {_fmt(ini['p75'])}, p95 {_fmt(ini['p95'])}, max {_fmt(ini['max'])}",
-        f"* command: `{s.get('command', '')}`",
+        f"* command: `{s.get('command', '')}`; device {s.get('device')}, {s.get('torch_threads')} torch threads "
+        "(wall times depend on the machine's load)",
         "",
         "mTRE in mm; SR = share of cases with final mTRE below 10 / 2 / 1 mm; top-X% = mean +- std over the X% best "
         "cases; time = wall-clock seconds per registration (median).",
@@ -586,7 +593,10 @@ def write_summary_md(path: Path, summary: dict) -> None:
     for name, m in s["methods"].items():
         bins = ", ".join(f"{b['lo_mm']:.0f}-{b['hi_mm']:.0f} mm: {_fmt(100 * b['success_rate'], 0) if b['cases'] else '-'}"
                          f"{'%' if b['cases'] else ''} ({b['cases']})" for b in m["capture_bins"])
-        lines.append(f"* {name}: capture range {m['capture_range_mm']:g} mm; {bins}; flagged {m['flagged']}")
+        note = ""
+        if m["capture_bins"] and m["capture_bins"][0]["cases"] == 0:
+            note = " (no case starts in the lowest bin, and metrics.capture_range counts from 0 mm)"
+        lines.append(f"* {name}: capture range {m['capture_range_mm']:g} mm{note}; {bins}; flagged {m['flagged']}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -730,7 +740,7 @@ def run_benchmark(
     n = int(config.cases)
     run_info = {"fingerprint": fingerprint, "cases": max(n, max((r["case"] + 1 for r in rows), default=0)),
                 "methods": sorted(set(methods) | {r["method"] for r in rows}), "command": command,
-                "torch": torch.__version__, "device": str(setup.device)}
+                "torch": torch.__version__, "device": str(setup.device), "torch_threads": torch.get_num_threads()}
     tmp = run_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(run_info, indent=2), encoding="utf-8")
     os.replace(tmp, run_path)
@@ -793,6 +803,8 @@ def build_summary(setup: BenchmarkSetup, rows: list[dict], methods: Sequence[str
         "xray": dict(cfg.xray),
         "isocenter_lps": [float(v) for v in setup.isocenter.tolist()],
         "initial_mtre": _initial_stats(rows, n),
+        "device": str(setup.device),
+        "torch_threads": torch.get_num_threads(),
         "methods": summarize_rows(rows, methods, n),
         "command": command,
     }
