@@ -225,6 +225,14 @@ def _isocenter(volume: Volume, label: Tensor | None) -> Tensor:
         return volume.center_lps()
 
 
+def _share_like_a_normal_file(path: Path) -> None:
+    """safetensors writes 0600 files; give them the usual umask-derived mode so a model
+    directory can be shipped or shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
@@ -241,6 +249,7 @@ def save_model(net: CorrelationNet, out_dir: str | Path, camera: Camera | None =
     tmp = out / (MODEL_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     os.replace(tmp, out / MODEL_FILE)
+    _share_like_a_normal_file(out / MODEL_FILE)
     cfg = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -346,6 +355,7 @@ def _save_optimizer(path: Path, opt: torch.optim.Optimizer, weighting: Uncertain
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
+    _share_like_a_normal_file(path)
 
 
 def _load_optimizer(path: Path, opt: torch.optim.Optimizer, weighting: UncertaintyWeighting) -> int:
