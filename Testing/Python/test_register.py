@@ -62,8 +62,9 @@ def test_cmaes_recovers_a_paper_case_that_gradient_refinement_misses(phantom):
 
 
 # The paper-protocol case (seed 0) used above, found by running both methods over the first
-# cases; see docs/registration.md.
-PAPER_CASE = 1
+# twenty cases at 64 px: it starts 62.5 mm off; intensity ends 34.6 mm off, CMA-ES +
+# refinement 0.9 mm, with 1 or 2 threads alike. (Intensity misses 2 of those 20 cases.)
+PAPER_CASE = 12
 
 
 def test_session_steps_cancels_and_keeps_the_best_pose(phantom, setup):

@@ -327,7 +327,9 @@ else:
 def test_module_self_test_routine(phantom):
     """What CorrRegTest runs inside Slicer (there with the default schedule and a finer phantom)."""
     scene = slicer.vtkMRMLScene()
-    quick = replace(OPTIONS, levels=tuple(replace(lv, max_iterations=6) for lv in OPTIONS.levels[:2]))
+    # Two levels of 6 iterations; not the 16 px level, whose 6 mm steps lower the loss before
+    # they lower the error (depth), which 12 iterations cannot show.
+    quick = replace(OPTIONS, levels=tuple(replace(lv, max_iterations=6) for lv in OPTIONS.levels[1:3]))
     report = selftest.runSelfTest(CorrRegLogicCore(scene), scene, size=32, options=quick, phantom=phantom,
                                   log=lambda *a: None)
     # Only the routine's mechanics here (the schedule is cut short); accuracy is tested above.
