@@ -69,6 +69,16 @@ def _path(path: PathLike) -> Path:
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+def _write_json(obj: dict, path: PathLike) -> Path:
+    """Write ``obj`` as indented JSON, creating the parent folder."""
+    p = _path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    return p
+
+
 def _require_exists(path: Path, what: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -778,12 +788,7 @@ def write_pose_json(
         if k in d:
             raise ValueError(f"extra key {k!r} would overwrite the pose")
         d[k] = v.tolist() if isinstance(v, (torch.Tensor, np.ndarray)) else v
-    p = _path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=2)
-        f.write("\n")
-    return p
+    return _write_json(d, path)
 
 
 def read_pose_json(path: PathLike) -> Tensor:
@@ -1071,9 +1076,4 @@ def write_targets_markups(points: Tensor | np.ndarray, path: PathLike, names: Se
             }
         ],
     }
-    p = _path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=2)
-        f.write("\n")
-    return p
+    return _write_json(d, path)

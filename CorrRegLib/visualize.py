@@ -51,6 +51,17 @@ def overlay_rgb(xray, drr, color=(1.0, 0.2, 0.1)) -> np.ndarray:
     return rgb
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write and close a figure."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def save_overlay(path: str | Path, xray, drr_before, drr_after, title: str = "") -> Path:
     """Side-by-side PNG: DRR edges over the X-ray before and after registration."""
     plt = _pyplot()
@@ -61,12 +72,7 @@ def save_overlay(path: str | Path, xray, drr_before, drr_after, title: str = "")
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_convergence(path: str | Path, history: Sequence[dict], title: str = "") -> Path:
@@ -86,9 +92,4 @@ def save_convergence(path: str | Path, history: Sequence[dict], title: str = "")
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
