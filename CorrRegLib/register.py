@@ -229,12 +229,12 @@ class RegistrationSession:
                 if self._done:
                     break
                 if self._cancelled:
-                    self._finish("cancelled")
+                    self._finish()
                     break
                 try:
                     next(self._gen)
                 except StopIteration:
-                    self._finish(self._stage)
+                    self._finish()
                     break
         finally:
             self._elapsed += time.perf_counter() - start
@@ -278,7 +278,7 @@ class RegistrationSession:
         )
 
     # ---- machinery ----------------------------------------------------------------------------
-    def _finish(self, stage: str) -> None:
+    def _finish(self) -> None:
         self._stage = "cancelled" if self._cancelled else "done"
         self._done = True
 
@@ -331,7 +331,7 @@ class RegistrationSession:
                 total += o.cmaes_generations
         return total
 
-    def _record(self, loss: float, pose: Tensor, stage: str, better_is_lower: bool = True) -> None:
+    def _record(self, loss: float, pose: Tensor, stage: str) -> None:
         self._iteration += 1
         self._history.append({"iteration": self._iteration, "stage": stage, "loss": loss})
         if math.isfinite(loss) and loss < self._best_loss:
@@ -367,11 +367,13 @@ class RegistrationSession:
         for li, level in enumerate(o.levels):
             sim = get_similarity(level.similarity or o.similarity)
             stage = f"intensity level {li + 1}/{len(o.levels)}"
-            base = self._stage_start(stage).to(self.device)
+            # Pose maths stays on the CPU in float64 (MPS has no float64); the projector moves
+            # each float32 pose to its device and autograd carries the gradient back.
+            base = self._stage_start(stage)
             proj = self._level_projector(level)
             fixed, mask = self._fixed_at(proj.camera)
-            centre = transform_points(base, self.isocenter.to(self.device).reshape(1, 3))[0]
-            params = torch.zeros(1, 6, dtype=torch.float64, device=self.device, requires_grad=True)
+            centre = transform_points(base, self.isocenter.reshape(1, 3))[0]
+            params = torch.zeros(1, 6, dtype=torch.float64, requires_grad=True)
             opt = torch.optim.Adam([params], lr=level.lr_mm)
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, o.patience // 3))
             stale, best_here = 0, math.inf
@@ -406,11 +408,11 @@ class RegistrationSession:
 
         o = self.options
         stage = "cmaes"
-        base = self._stage_start(stage).to(self.device)
+        base = self._stage_start(stage)
         proj = self._level_projector(o.cmaes_level)
         fixed, mask = self._fixed_at(proj.camera)
         sim = get_similarity(o.cmaes_similarity)
-        centre = transform_points(base, self.isocenter.to(self.device).reshape(1, 3))[0]
+        centre = transform_points(base, self.isocenter.reshape(1, 3))[0]
         scale = np.array([o.rotation_scale_mm * math.pi / 180.0] * 3 + [1.0] * 3)  # deg -> mm of arc
         es = cma.CMAEvolutionStrategy(
             np.zeros(6), 1.0,
@@ -419,7 +421,7 @@ class RegistrationSession:
         )
         while not es.stop():
             xs = es.ask()
-            params = torch.as_tensor(np.asarray(xs) * scale, dtype=torch.float64, device=self.device)
+            params = torch.as_tensor(np.asarray(xs) * scale, dtype=torch.float64)
             with torch.no_grad():
                 poses = _pose_from_params(base, centre, params, o.rotation_scale_mm)
                 drr = proj(poses.float())
@@ -439,10 +441,10 @@ class RegistrationSession:
         o = self.options
         net, net_camera, _ = self._network
         stage = "network"
-        pose = self._stage_start(stage).to(self.device)
+        pose = self._stage_start(stage)  # float64 on the CPU, as in the gradient stages
         proj = self._level_projector(Level(net_camera.width, 0, 0.0))
         fixed, _ = self._fixed_at(proj.camera)
-        iso = self.isocenter.to(self.device, torch.float32)
+        iso = self.isocenter.to(torch.float32)
         step_r, step_t = math.radians(o.network_step_deg), o.network_step_mm
         smooth, best_smooth, stale = None, math.inf, 0
         for _ in range(o.network_iterations):
