@@ -267,9 +267,10 @@ def check_model_camera(model_dir: str, camera: Camera) -> dict:
 
 
 def _bundled_model() -> str | None:
+    """The network shipped with the package (register.bundled_model_dir), if any."""
     try:
-        from .model_store import bundled_model_dir  # present once a trained network ships
-    except ImportError:
+        from .register import bundled_model_dir
+    except ImportError:  # pragma: no cover - older register modules
         return None
     d = bundled_model_dir()
     return None if d is None else str(d)
