@@ -85,7 +85,9 @@ def capture_range(
     captured = 0.0
     for b in bins:
         sel = ini < b["hi_mm"]
-        if sel.any() and np.mean(fin[sel] < success_mm) >= required_rate:
+        if not sel.any():
+            continue  # no case starts this close: the range extends over empty leading bins
+        if np.mean(fin[sel] < success_mm) >= required_rate:
             captured = b["hi_mm"]
         else:
             break

@@ -86,6 +86,10 @@ def test_capture_range_bins_and_threshold():
     assert captured == 20.0
     with pytest.raises(ValueError):
         m.capture_range([1, 2], [1])
+    # no case starts below 30 mm (paper-protocol runs): empty leading bins do not end the range
+    bins, captured = m.capture_range([35, 42, 58, 71], [0.5, 0.4, 0.9, 30.0])
+    assert [b["cases"] for b in bins[:3]] == [0, 0, 0]
+    assert captured == 60.0
 
 
 def test_summary_fields():
