@@ -64,9 +64,11 @@ METHODS: dict[str, MethodSpec] = {
     "intensity": MethodSpec("intensity", {}, False, "coarse-to-fine gradient refinement (NCC, then patch NCC)"),
     "cmaes": MethodSpec("cmaes", {}, False, "CMA-ES global search, then the gradient refinement"),
     "cmaes_only": MethodSpec("cmaes", {"refine": False}, False, "CMA-ES global search alone (no refinement)"),
-    "network": MethodSpec("network", {}, True, "learned correlation similarity, then the gradient refinement"),
-    "network_only": MethodSpec("network", {"refine": False}, True, "learned correlation similarity alone"),
-    "hybrid": MethodSpec("hybrid", {}, True, "network and intensity similarity combined, then refinement"),
+    "network": MethodSpec("network", {}, True, "network-guided descent alone (the learned similarity)"),
+    "network_only": MethodSpec("network", {"refine": False}, True, "the same as network (an alias)"),
+    "hybrid": MethodSpec("hybrid", {}, True, "network-guided descent, then the intensity refinement"),
+    "hybrid_cmaes": MethodSpec("hybrid", {"hybrid_cmaes": True}, True,
+                               "network-guided descent, a local CMA-ES search, then the intensity refinement"),
 }
 
 #: Simulated X-ray of every case (keyword arguments of simulate.simulate_xray); the noise seed
