@@ -76,20 +76,31 @@ def save_overlay(path: str | Path, xray, drr_before, drr_after, title: str = "")
 
 
 def save_convergence(path: str | Path, history: Sequence[dict], title: str = "") -> Path:
-    """Loss against iteration, one colour per stage (stages have their own loss scales)."""
+    """Loss against iteration, one colour per stage. Intensity losses (1 - similarity) share a
+    log axis; the network's score has its own scale, so it gets its own (right) axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     stages: dict[str, list[tuple[int, float]]] = {}
     for h in history:
         stages.setdefault(h["stage"], []).append((h["iteration"], h["loss"]))
-    for name, pts in stages.items():
+    net_ax = None
+    for i, (name, pts) in enumerate(stages.items()):
         it, loss = zip(*pts)
-        ax.plot(it, loss, ".-", ms=3, lw=1, label=name)
+        target = ax
+        if name == "network":
+            net_ax = net_ax or ax.twinx()
+            net_ax.set_ylabel("network score (lower is better)")
+            target = net_ax
+        target.plot(it, loss, ".-", ms=3, lw=1, label=name, color=f"C{i}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (1 - similarity)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles = ax.get_legend_handles_labels()
+    if net_ax is not None:
+        extra = net_ax.get_legend_handles_labels()
+        handles = (handles[0] + extra[0], handles[1] + extra[1])
+    ax.legend(*handles, fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)
