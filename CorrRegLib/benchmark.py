@@ -596,10 +596,7 @@ def write_summary_md(path: Path, summary: dict) -> None:
     for name, m in s["methods"].items():
         bins = ", ".join(f"{b['lo_mm']:.0f}-{b['hi_mm']:.0f} mm: {_fmt(100 * b['success_rate'], 0) if b['cases'] else '-'}"
                          f"{'%' if b['cases'] else ''} ({b['cases']})" for b in m["capture_bins"])
-        note = ""
-        if m["capture_bins"] and m["capture_bins"][0]["cases"] == 0:
-            note = " (no case starts in the lowest bin, and metrics.capture_range counts from 0 mm)"
-        lines.append(f"* {name}: capture range {m['capture_range_mm']:g} mm{note}; {bins}; flagged {m['flagged']}")
+        lines.append(f"* {name}: capture range {m['capture_range_mm']:g} mm; {bins}; flagged {m['flagged']}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
