@@ -25,14 +25,12 @@ def _eprint(*args) -> None:
 # helpers shared by subcommands
 
 
-def _camera_from_args(args, xray=None):
+def _camera_from_args(args):
     """Camera from --camera JSON and/or --sdd/--pixel-spacing/--principal-point flags."""
     from .geometry import Camera
     from .io import read_camera_json
 
     cam = read_camera_json(args.camera) if getattr(args, "camera", None) else None
-    if xray is not None and xray.camera is not None:
-        return xray.camera
     if cam is None and not (args.sdd and args.pixel_spacing and getattr(args, "size", None)):
         raise ValueError("camera geometry is missing: give --camera CAM.json or --sdd, --pixel-spacing and --size")
     if cam is None:
@@ -98,16 +96,23 @@ def cmd_simulate(args) -> dict:
             "size_px": list(camera.size), "dose": args.dose, "seed": args.seed}
 
 
-def _initial_pose(args, volume, camera, xray):
+DEFAULT_SOD_MM = 700.0
+
+
+def _initial_pose(args, volume, xray):
+    """--init, else the X-ray's DICOM positioner angles, else the reference AP view; the
+    source-to-isocenter distance is --sod, else DICOM's DistanceSourceToPatient, else 700 mm."""
     from .geometry import reference_ap_pose
     from .io import read_pose_json, xray_initial_pose
 
     if args.init:
         return read_pose_json(args.init), f"--init {args.init}"
     iso = volume.bone_center_lps()
-    if xray is not None and xray.metadata.get("positioner_primary_deg") is not None:
-        return xray_initial_pose(xray, iso, sod=args.sod), "DICOM positioner angles"
-    return reference_ap_pose(iso, args.sod), f"reference AP view (sod {args.sod:g} mm)"
+    md = xray.metadata
+    sod = args.sod or md.get("sod_mm") or DEFAULT_SOD_MM
+    if "primary_angle_deg" in md or "secondary_angle_deg" in md:
+        return xray_initial_pose(xray, iso, sod=float(sod)), f"DICOM positioner angles (sod {float(sod):g} mm)"
+    return reference_ap_pose(iso, float(sod)), f"reference AP view (sod {float(sod):g} mm)"
 
 
 def cmd_register(args) -> dict:
@@ -120,7 +125,7 @@ def cmd_register(args) -> dict:
     xr = read_xray(args.xray, camera_json=args.camera, sdd=args.sdd, pixel_spacing=args.pixel_spacing,
                    principal_point=args.principal_point)
     camera = xr.camera
-    init, init_source = _initial_pose(args, volume, camera, xr)
+    init, init_source = _initial_pose(args, volume, xr)
     session = RegistrationSession(volume, xr.image, camera, init, method=args.method, device=args.device,
                                   model_dir=args.model, options=_options(args))
     result = _run_with_progress(session, args.method, quiet=args.quiet)
@@ -298,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", required=True, help="CT image (NIfTI/NRRD/MHA or DICOM folder), in HU")
     p.add_argument("--xray", required=True, help="X-ray image (2D NRRD/MHA/NIfTI/PNG/TIFF or DICOM); dense structures bright")
     p.add_argument("--init", metavar="POSE.json", help="initial camera_from_ct pose; default: DICOM positioner angles, else the AP view")
-    p.add_argument("--sod", type=float, default=700.0, help="source-to-isocenter distance for a default initial pose (mm)")
+    p.add_argument("--sod", type=float, help="source-to-isocenter distance for a default initial pose (mm); "
+                   "default: the X-ray's DICOM DistanceSourceToPatient, else 700")
     p.add_argument("--method", default="intensity", choices=["intensity", "cmaes", "network", "hybrid"], help="registration pipeline")
     p.add_argument("--model", metavar="MODEL_DIR", help="trained network for network/hybrid")
     p.add_argument("--output", required=True, metavar="POSE.json", help="registered pose (JSON, camera_from_ct in LPS)")

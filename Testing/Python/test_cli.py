@@ -95,3 +95,27 @@ def test_help_explains_options_with_units(sub):
     assert "--json" in res.stdout
     if sub in ("simulate", "register"):
         assert "mm" in res.stdout
+
+
+def test_register_starts_from_the_dicom_positioner_angles(tmp_path):
+    """Without --init, a DICOM X-ray's PositionerPrimary/SecondaryAngle and
+    DistanceSourceToPatient give the initial pose; --sod overrides the DICOM distance."""
+    from test_io import DICOM_TAGS, _write_dicom_xray, _xray_array
+
+    from CorrRegLib.cli import _initial_pose, build_parser
+    from CorrRegLib.geometry import c_arm_pose, reference_ap_pose
+    from CorrRegLib.io import read_xray
+    from CorrRegLib.phantom import make_spine_phantom
+
+    volume = make_spine_phantom(spacing_mm=4.0).volume
+    iso = volume.bone_center_lps()
+    dicom = read_xray(_write_dicom_xray(tmp_path / "x.dcm", _xray_array(), tags=DICOM_TAGS))
+    args = lambda *extra: build_parser().parse_args(["register", "--ct", "c", "--xray", "x", "--output", "o", *extra])
+    pose, source = _initial_pose(args(), volume, dicom)
+    assert source.startswith("DICOM positioner angles")
+    assert torch.allclose(pose, c_arm_pose(iso, 750.0, 30.0, -10.0))
+    pose, _ = _initial_pose(args("--sod", "600"), volume, dicom)
+    assert torch.allclose(pose, c_arm_pose(iso, 600.0, 30.0, -10.0))
+    plain = read_xray(_write_dicom_xray(tmp_path / "p.dcm", _xray_array(), tags={"0018|1110": "1000"}))
+    pose, source = _initial_pose(args(), volume, plain)
+    assert source.startswith("reference AP view") and torch.allclose(pose, reference_ap_pose(iso, 700.0))
