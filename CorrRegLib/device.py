@@ -30,8 +30,3 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
     return torch.device(name)
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 everywhere (MPS has no float64)."""
-    return torch.float32
