@@ -28,7 +28,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -606,7 +606,7 @@ def write_summary_md(path: Path, summary: dict) -> None:
 
 def save_plots(out: Path, setup: BenchmarkSetup, rows: list[dict], methods: Sequence[str], n_cases: int) -> list[str]:
     """cumulative_mtre.png, capture_range.png, gallery.png (needs matplotlib)."""
-    from .visualize import _pyplot, overlay_rgb
+    from .visualize import _pyplot, overlay_rgb, save_figure
 
     plt = _pyplot()
     files = []
@@ -637,9 +637,7 @@ def save_plots(out: Path, setup: BenchmarkSetup, rows: list[dict], methods: Sequ
     ax.set_title(f"protocol {setup.config.protocol}, {n_cases} cases", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "cumulative_mtre.png")
-    plt.close(fig)
+    save_figure(fig, out / "cumulative_mtre.png")
     files.append("cumulative_mtre.png")
     # capture range
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
@@ -654,9 +652,7 @@ def save_plots(out: Path, setup: BenchmarkSetup, rows: list[dict], methods: Sequ
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "capture_range.png")
-    plt.close(fig)
+    save_figure(fig, out / "capture_range.png")
     files.append("capture_range.png")
     # gallery: best, median, worst case of each method (DRR edges at the final pose on the X-ray)
     from .projector import Projector
@@ -683,9 +679,7 @@ def save_plots(out: Path, setup: BenchmarkSetup, rows: list[dict], methods: Sequ
                          fontsize=8)
             ax.axis("off")
     fig.suptitle("edges of the bone DRR (red) at the registered pose on the simulated X-ray", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "gallery.png")
-    plt.close(fig)
+    save_figure(fig, out / "gallery.png")
     files.append("gallery.png")
     return files
 

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
 
 def _load_cts(specs, labels):
-    from .io import read_ct, read_targets  # noqa: F401  (read_ct validates files)
+    from .io import read_ct
     from .phantom import make_spine_phantom
 
     if not specs:

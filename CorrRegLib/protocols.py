@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .geometry import Camera, euler_to_rotation, make_pose, reference_ap_pose, rotation_about_point, transform_points
+from .geometry import Camera, euler_to_rotation, reference_ap_pose, rotation_about_point, transform_points
 
 Tensor = torch.Tensor
 

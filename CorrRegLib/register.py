@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .device import pick_device
-from .geometry import Camera, check_rigid, make_pose, rotation_about_point, transform_points
+from .geometry import Camera, check_rigid, rotation_about_point, transform_points
 from .projector import Projector
 from .similarity import get_similarity
 from .volume import Volume

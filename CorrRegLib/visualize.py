@@ -51,7 +51,7 @@ def overlay_rgb(xray, drr, color=(1.0, 0.2, 0.1)) -> np.ndarray:
     return rgb
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write and close a figure."""
     plt = _pyplot()
     fig.tight_layout()
@@ -72,7 +72,7 @@ def save_overlay(path: str | Path, xray, drr_before, drr_after, title: str = "")
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_convergence(path: str | Path, history: Sequence[dict], title: str = "") -> Path:
@@ -103,4 +103,4 @@ def save_convergence(path: str | Path, history: Sequence[dict], title: str = "")
     ax.legend(*handles, fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from CorrRegLib.geometry import Camera, euler_to_rotation, reference_ap_pose
+from CorrRegLib.geometry import Camera, reference_ap_pose
 from CorrRegLib.losses import (
     UncertaintyWeighting,
     appro_loss,
@@ -36,14 +36,7 @@ from CorrRegLib.projector import Projector
 TINY = dict(input_size=32, stem_channels=4, stage_channels=(8, 8), head_hidden=(16,), head_pool=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensor ops: one intra-op thread is much faster than two on a busy 2-core
-    machine (OpenMP threads wait on each other), and results do not depend on the count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scramble(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> None:
@@ -223,7 +216,6 @@ def scene():
     proj = Projector(ph.volume, cam)
     iso = ph.volume.bone_center_lps()
     truth = reference_ap_pose(iso, 700.0).expand(2, 4, 4)
-    rot = euler_to_rotation(torch.tensor([[8.0, -5.0, 4.0], [-3.0, 6.0, 2.0]], dtype=torch.float64))
     twist = torch.cat([torch.tensor([[0.1, -0.05, 0.08], [-0.04, 0.1, 0.03]]), torch.tensor([[10.0, -6.0, 15.0], [-5.0, 8.0, -20.0]])], 1)
     pose = twist_about_isocenter(truth, twist.double(), iso)
     with torch.no_grad():

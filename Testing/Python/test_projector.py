@@ -1,6 +1,5 @@
 """The projector against analytic truth, the camera model, and autograd checks."""
 
-import math
 
 import pytest
 import torch

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from CorrRegLib.geometry import reference_ap_pose, transform_points
+from CorrRegLib.geometry import reference_ap_pose
 from CorrRegLib.metrics import mtre
 from CorrRegLib.phantom import small_phantom
-from CorrRegLib.protocols import get_protocol, make_cases, perturb_pose
+from CorrRegLib.protocols import get_protocol, make_cases
 from CorrRegLib.register import Level, RegistrationOptions, RegistrationSession, register
 from CorrRegLib.simulate import simulate_xray
 

@@ -23,7 +23,6 @@ from CorrRegLib.geometry import (  # noqa: E402
     euler_to_rotation,
     invert_pose,
     project_points,
-    transform_points,
 )
 from CorrRegLib.volume import Volume  # noqa: E402
 

@@ -29,14 +29,7 @@ FAST = dict(batch_size=4, xray_pool=16, progress=False, checkpoint_every=0, **TI
 SHORT_STEPS, SHORT_LR = 60, 3e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensor ops: one intra-op thread is much faster than two on a busy 2-core
-    machine (OpenMP threads wait on each other), and results do not depend on the count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
