@@ -292,9 +292,7 @@ class RegistrationSession:
         vf = level.volume_factor
         if vf is None:
             pixel_at_iso = max(self.camera.pixel_spacing) * factor * self._sod / self.camera.sdd
-            vf = 1
-            while min(self.volume.spacing) * vf * 2 <= level.voxel_slack * pixel_at_iso and min(self.volume.data.shape) // (vf * 2) >= 8:
-                vf *= 2
+            vf = self.volume.pool_factor(pixel_at_iso, level.voxel_slack)
         return factor, vf
 
     def _projector(self, detector_factor: float, volume_factor: int) -> Projector:

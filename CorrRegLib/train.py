@@ -443,6 +443,7 @@ def train(
     grad_clip: float = 1.0,
     warmup: int | None = None,
     samples_per_voxel: float = 1.0,
+    voxel_slack: float | None = 1.25,
     checkpoint_every: int = 200,
     use_decomp: bool = True,
     xray_pool: int = 128,
@@ -457,6 +458,9 @@ def train(
     otherwise it is the centroid of the bone voxels. ``validate_every`` > 0 measures the
     cosine shares on ``n_validation`` held-out cases that often (always before and after).
     Data for step k depends only on (seed, k), so ``resume`` continues the same sequence.
+    Each CT is average-pooled as registration pools it for the network's input size
+    (:meth:`Volume.pool_factor` with ``voxel_slack``; None keeps full resolution), so a
+    512 x 512 CT trains as fast as its detector footprint allows and on the DRRs it will meet.
     """
     t_start = time.perf_counter()
     if not cts:
@@ -488,8 +492,10 @@ def train(
     labels = list(labels) if labels is not None else [None] * len(cts)
     if len(labels) != len(cts):
         raise ValueError(f"got {len(labels)} label maps for {len(cts)} CTs")
-    cts = [v.to(device=device) for v in cts]
-    isos = [_isocenter(v, lab) for v, lab in zip(cts, labels)]  # float64, CPU
+    isos = [_isocenter(v, lab) for v, lab in zip(cts, labels)]  # float64, CPU, on the full grid
+    footprint = max(train_cam.pixel_spacing) * ranges.sod / train_cam.sdd  # a network pixel at the isocenter
+    pooling = [1 if voxel_slack is None else v.pool_factor(footprint, voxel_slack) for v in cts]
+    cts = [v.downsample(f).to(device=device) for v, f in zip(cts, pooling)]
     plain = [Projector(v, train_cam, samples_per_voxel=samples_per_voxel).to(device) for v in cts]
     # X-rays come from a denser renderer than the DRRs (as in evaluation), so the network never
     # sees the training renderer's exact output as its X-ray.
@@ -525,7 +531,8 @@ def train(
         "command": " ".join(sys.argv),
         "arguments": {"preset": net_cfg.preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                       "weight_decay": weight_decay, "grad_clip": grad_clip, "warmup": warm,
-                      "samples_per_voxel": samples_per_voxel, "n_cts": len(cts), "use_decomp": use_decomp,
+                      "samples_per_voxel": samples_per_voxel, "voxel_slack": voxel_slack,
+                      "ct_pooling": pooling, "n_cts": len(cts), "use_decomp": use_decomp,
                       "n_validation": n_validation,
                       "xray_pool": xray_pool},
         "optimizer": "AdamW (decay on weights of dim >= 2), linear warm-up then cosine to 5% of lr, "

@@ -133,6 +133,16 @@ class Volume:
         origin = (self.lps_from_index() @ shift)[:3]
         return replace(self, data=data, spacing=spacing, origin=tuple(origin.tolist()))
 
+    def pool_factor(self, footprint_mm: float, slack: float = 1.25) -> int:
+        """The largest power-of-two :meth:`downsample` factor whose finest voxel stays within
+        ``slack`` times ``footprint_mm`` (a detector pixel's size at the isocenter) and that keeps
+        at least 8 voxels per axis: rendering a finer CT at that pixel size adds nothing but time."""
+        factor = 1
+        while (min(self.spacing) * factor * 2 <= slack * footprint_mm
+               and min(self.data.shape) // (factor * 2) >= 8):
+            factor *= 2
+        return factor
+
     def pyramid(self, levels: int) -> list["Volume"]:
         """[full, /2, /4, ...] resolutions, ``levels`` entries."""
         out = [self]

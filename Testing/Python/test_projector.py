@@ -184,6 +184,24 @@ def test_multiresolution_levels_agree(sphere):
     assert float((imgs[2] - fine_pooled).norm() / fine_pooled.norm()) < 0.05
 
 
+def test_pool_factor_keeps_voxels_within_the_pixel_footprint(sphere):
+    vol, radius = sphere  # 64^3 voxels of 1 mm
+    assert vol.pool_factor(0.9) == 1  # a 2 mm voxel would be coarser than 1.25 x 0.9 mm
+    assert vol.pool_factor(1.6) == 2
+    assert vol.pool_factor(3.3) == 4
+    assert vol.pool_factor(3.3, slack=2.5) == 8  # 8 voxels per axis remain
+    assert vol.pool_factor(1000.0) == 8  # never fewer than 8 voxels per axis
+    aniso = Volume(torch.zeros(16, 64, 64), (0.7, 0.7, 2.5))  # chest-CT-like: the finest axis decides
+    assert aniso.pool_factor(2.2) == 2
+    # a pooled CT renders what the full one renders, seen at that footprint
+    cam = Camera(1000.0, (3.2, 3.2), (24, 24))
+    pose = reference_ap_pose(vol.center_lps(), 650.0).float()
+    f = vol.pool_factor(3.2 * 650.0 / 1000.0)
+    assert f == 2
+    full, pooled = Projector(vol, cam)(pose), Projector(vol.downsample(f), cam)(pose)
+    assert float((full - pooled).norm() / full.norm()) < 0.02
+
+
 def test_memory_is_bounded_by_chunking():
     # a 256x256 detector over a 64^3 volume with max_points small must still render
     vol = Volume(torch.full((32, 32, 32), MU), (4.0, 4.0, 4.0))

@@ -129,6 +129,21 @@ def test_resume_continues_the_same_run(phantom, tmp_path):
         train([phantom.volume], CAMERA, b, resume=True, **{**kw, "input_size": 64})
 
 
+def test_a_fine_ct_trains_pooled_to_the_network_footprint(phantom, tmp_path):
+    from CorrRegLib.volume import Volume
+
+    v = phantom.volume  # 5 mm voxels; the 32 px network sees ~4.4 mm pixels at the isocenter
+    fine = Volume(v.data.repeat_interleave(4, 0).repeat_interleave(4, 1).repeat_interleave(4, 2),
+                  tuple(s / 4 for s in v.spacing), v.origin, v.direction)
+    kw = dict(steps=1, seed=0, n_validation=2, **FAST)
+    res = train([fine], CAMERA, tmp_path / "pooled", **kw)
+    assert res.config["training"]["arguments"]["ct_pooling"] == [4]
+    res = train([v], CAMERA, tmp_path / "coarse", **kw)
+    assert res.config["training"]["arguments"]["ct_pooling"] == [1]
+    res = train([fine], CAMERA, tmp_path / "full", voxel_slack=None, **kw)
+    assert res.config["training"]["arguments"]["ct_pooling"] == [1]
+
+
 # --------------------------------------------------------------------------------------------
 # load_model refuses anything malformed
 
