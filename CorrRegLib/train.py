@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -423,6 +424,13 @@ def _param_groups(net: CorrelationNet, weighting: UncertaintyWeighting, weight_d
     ]
 
 
+def _command_line() -> str:
+    """This process's command line, as the user typed it for the ``corrreg`` script."""
+    if Path(sys.argv[0]).name == "corrreg":
+        return "corrreg " + shlex.join(sys.argv[1:])
+    return shlex.join(sys.argv)
+
+
 def train(
     cts: Sequence[Volume],
     camera: Camera,
@@ -528,7 +536,7 @@ def train(
         return v
 
     record = {
-        "command": " ".join(sys.argv),
+        "command": _command_line(),
         "arguments": {"preset": net_cfg.preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                       "weight_decay": weight_decay, "grad_clip": grad_clip, "warmup": warm,
                       "samples_per_voxel": samples_per_voxel, "voxel_slack": voxel_slack,

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from CorrRegLib.geometry import Camera
 from CorrRegLib.metrics import mtre
 from CorrRegLib.phantom import small_phantom
 from CorrRegLib.protocols import get_protocol, make_cases
-from CorrRegLib.register import RegistrationSession, bundled_model_dir, check_model_camera, register
+from CorrRegLib.register import (
+    RegistrationOptions, RegistrationSession, bundled_model_dir, check_model_camera, register,
+)
 from CorrRegLib.simulate import simulate_xray
 
 MODEL = bundled_model_dir()
@@ -42,7 +45,41 @@ def test_hybrid_recovers_what_intensity_misses(paper_case):
     assert torch.isfinite(network.pose).all() and not network.flagged
     stages = {h["stage"] for h in hybrid.history}
     assert "network" in stages and any(s.startswith("intensity") for s in stages)
+    assert not any(s.startswith("fallback") for s in stages)  # verified: no second attempt
     assert all(h["stage"] == "network" for h in network.history)
+
+
+def test_hybrid_falls_back_to_a_global_search_when_its_result_is_unverified(paper_case):
+    ph, cam, case, xray = paper_case
+    err = lambda pose: float(mtre(pose, case.true_pose, ph.landmarks))
+    # One network step leaves hybrid where intensity alone ends: a vertebra off (64.5 mm).
+    weak = RegistrationOptions(network_iterations=1)
+    unchecked = register(ph.volume, xray, cam, case.initial_pose, method="hybrid",
+                         options=replace(weak, fallback_below=None))
+    assert err(unchecked.pose) > 10.0
+    checked = register(ph.volume, xray, cam, case.initial_pose, method="hybrid", options=weak)
+    assert err(checked.pose) < 2.0 and not checked.flagged
+    assert "global CMA-ES" in checked.message and "kept the second" in checked.message
+    assert any(h["stage"].startswith("fallback cmaes") for h in checked.history)
+    # A bar no pose can reach: both attempts are unverified, the better is kept and flagged.
+    strict = register(ph.volume, xray, cam, case.initial_pose, method="hybrid",
+                      options=replace(weak, fallback_below=1.01))
+    assert strict.flagged and "unverified result" in strict.message and err(strict.pose) < 2.0
+
+
+def test_cancel_during_the_fallback_keeps_the_better_attempt(paper_case):
+    ph, cam, case, xray = paper_case
+    session = RegistrationSession(ph.volume, xray, cam, case.initial_pose, method="hybrid",
+                                  options=RegistrationOptions(network_iterations=1))
+    while not session.done and not session.state().stage.startswith("fallback"):
+        session.step()
+    assert not session.done
+    first_score = session._pending_first[3]
+    session.step(3)  # a few CMA-ES generations of the second attempt
+    session.cancel()
+    res = session.result() if session.done else (session.step(), session.result())[1]
+    assert res.cancelled and torch.isfinite(res.pose).all()
+    assert session.verification_score(res.pose) >= first_score
 
 
 def test_the_demo_uses_the_full_method_when_a_model_ships():
