@@ -163,7 +163,13 @@ def cmd_register(args) -> dict:
 def _options(args):
     from .register import RegistrationOptions
 
-    return RegistrationOptions(seed=getattr(args, "seed", 0) or 0)
+    kw = {}
+    verify = getattr(args, "verify_ncc", None)
+    if verify is not None:
+        if not 0.0 <= verify <= 1.0:
+            raise ValueError(f"--verify-ncc must lie in [0, 1] (0 turns the check off), got {verify}")
+        kw["fallback_below"] = verify if verify > 0 else None
+    return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, **kw)
 
 
 def _run_with_progress(session, label: str, quiet: bool = False):
@@ -314,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", help="targets (markups JSON, CSV, label map) to report mTRE against --truth")
     p.add_argument("--truth", metavar="POSE.json", help="true pose, to report mTRE (evaluation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
+    p.add_argument("--verify-ncc", type=float, metavar="NCC",
+                   help="hybrid: below this NCC of X-ray and DRR (64 px) the result counts as a miss and a global "
+                        "CMA-ES search runs as a second attempt (default 0.99; 0 turns the check off)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_camera_flags(p)
