@@ -388,6 +388,8 @@ class RegistrationSession:
         self._best_pose = self.initial_pose.clone()
         self._attempt = "fallback "
         self._pending_first = first + (first_score,)  # a cancel mid-attempt keeps the better one
+        # progress: the second attempt's own bound on top of what has run
+        self._planned = self._iteration + o.cmaes_generations + sum(lv.max_iterations for lv in o.levels)
         yield from self._cmaes_stage()
         yield from self._gradient_stages()
         self._pending_first = None

@@ -74,6 +74,7 @@ def test_cancel_during_the_fallback_keeps_the_better_attempt(paper_case):
     while not session.done and not session.state().stage.startswith("fallback"):
         session.step()
     assert not session.done
+    assert session.state().progress < 0.9  # the bar restarts its remaining share for the second attempt
     first_score = session._pending_first[3]
     session.step(3)  # a few CMA-ES generations of the second attempt
     session.cancel()
