@@ -375,7 +375,8 @@ class RegistrationSession:
         fixed, mask = self._fixed_at(proj.camera)
         with torch.no_grad():
             drr = proj(torch.as_tensor(pose, dtype=torch.float64).reshape(1, 4, 4).float())
-            return float(get_similarity("ncc")(fixed, drr, mask)[0])
+            score = float(get_similarity("ncc")(fixed, drr, mask)[0])
+        return score if math.isfinite(score) else -1.0  # a NaN never passes the check
 
     def _fallback_if_unverified(self) -> Iterator[None]:
         """Second attempt (global CMA-ES from the initial pose, then refinement) when the
