@@ -290,10 +290,7 @@ class RegistrationSession:
     # ---- machinery ----------------------------------------------------------------------------
     def _finish(self) -> None:
         if self._pending_first is not None:  # cancelled during hybrid's second attempt
-            pose, loss, stage, score = self._pending_first
-            self._pending_first = None
-            if not self.verification_score(self._best_pose) > score:
-                self._best_pose, self._best_loss = pose, loss
+            self._keep_better_attempt()
         self._stage = "cancelled" if self._cancelled else "done"
         self._done = True
 
@@ -382,28 +379,35 @@ class RegistrationSession:
         """Second attempt (global CMA-ES from the initial pose, then refinement) when the
         first result's verification score is below ``fallback_below``; keep the better one."""
         o = self.options
-        first = (self._best_pose.clone(), self._best_loss, self._stage)
-        first_score = self.verification_score(first[0])
+        first_score = self.verification_score(self._best_pose)
         if not first_score < o.fallback_below:
             return
+        # kept until the second attempt ends, so that a cancel mid-attempt keeps the better one
+        self._pending_first = (self._best_pose.clone(), self._best_loss, self._stage, first_score)
         self._best_pose = self.initial_pose.clone()
         self._attempt = "fallback "
-        self._pending_first = first + (first_score,)  # a cancel mid-attempt keeps the better one
         # progress: the second attempt's own bound on top of what has run
         self._planned = self._iteration + o.cmaes_generations + sum(lv.max_iterations for lv in o.levels)
         yield from self._cmaes_stage()
         yield from self._gradient_stages()
-        self._pending_first = None
-        second_score = self.verification_score(self._best_pose)
-        if not second_score > first_score:
-            self._best_pose, self._best_loss, self._stage = first
-        best = max(first_score, second_score)
+        second_score, kept_second = self._keep_better_attempt()
         note = (f"the first attempt scored NCC {first_score:.3f} < {o.fallback_below:g}; a global CMA-ES search from "
-                f"the initial pose scored {second_score:.3f}; kept the {'second' if second_score > first_score else 'first'}")
-        if best < o.fallback_below:
+                f"the initial pose scored {second_score:.3f}; kept the {'second' if kept_second else 'first'}")
+        if max(first_score, second_score) < o.fallback_below:
             self._flag(f"unverified result: {note}; check the overlay")
         else:
             self._messages.append(note)
+
+    def _keep_better_attempt(self) -> tuple[float, bool]:
+        """End hybrid's second attempt: restore the first unless the second scores higher.
+        Returns (the second attempt's score, whether it was kept)."""
+        pose, loss, stage, first_score = self._pending_first
+        self._pending_first = None
+        second_score = self.verification_score(self._best_pose)
+        if second_score > first_score:
+            return second_score, True
+        self._best_pose, self._best_loss, self._stage = pose, loss, stage
+        return second_score, False
 
     # ---- stages ---------------------------------------------------------------------------------
     def _stage_start(self, stage: str) -> Tensor:
