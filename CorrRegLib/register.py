@@ -30,7 +30,11 @@ from .volume import Volume
 
 Tensor = torch.Tensor
 
-METHODS = ("intensity", "cmaes", "network", "hybrid")
+METHODS = ("auto", "intensity", "cmaes", "network", "hybrid")
+
+#: The method ``corrreg register`` and the Slicer module use unless told otherwise: the network
+#: pipeline when a model trained for this C-arm is given, else the global search (docs/registration.md).
+DEFAULT_METHOD = "auto"
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,12 @@ class RegistrationSession:
                 isocenter = volume.center_lps()
         self.isocenter = torch.as_tensor(isocenter, dtype=torch.float64).reshape(3)
         self._network = None
+        self.model_dir = None
+        if method == "auto":
+            method, self.pipeline_note = _resolve_auto(model_dir, camera, self.device)
+            self.method = method
+        else:
+            self.pipeline_note = method
         if method in ("network", "hybrid"):
             self._network = _load_network(model_dir, camera, self.device)
             self.model_dir = self._network[2]
@@ -559,6 +569,17 @@ def _load_network(model_dir, camera: Camera, device: torch.device):
     for p in net.parameters():
         p.requires_grad_(False)
     return net, trained, model_dir
+
+
+def _resolve_auto(model_dir, camera: Camera, device) -> tuple[str, str]:
+    """The pipeline of method "auto": (method, a one-line note saying what runs and why)."""
+    if model_dir is None:
+        return "cmaes", "global search + refinement (no network model given)"
+    try:
+        _load_network(model_dir, camera, device)
+    except ValueError as err:
+        return "cmaes", f"global search + refinement (network model not used: {err})"
+    return "hybrid", f"network {model_dir} + refinement, verified"
 
 
 def check_model_camera(trained: Camera, camera: Camera, model_dir=None) -> None:
