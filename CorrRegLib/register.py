@@ -178,6 +178,12 @@ class RegistrationSession:
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(camera, Camera):
+            raise ValueError(
+                f"register needs the X-ray's camera geometry (a CorrRegLib.geometry.Camera), got {type(camera).__name__}; "
+                "read_xray(..., require_camera=False) returns camera=None when the geometry is unknown: give it with a "
+                "camera JSON or sdd= and pixel_spacing="
+            )
         self.method = method
         self.options = options or RegistrationOptions()
         self.device = pick_device(device)
