@@ -10,7 +10,8 @@ import shlex
 import sys
 
 EPILOG = ("Frames: CT in LPS mm; poses are camera_from_ct. Outputs: results.csv, summary.md, summary.json, run.json "
-          "and PNG plots in --out; an interrupted run resumes from results.csv (see docs/benchmark.md).")
+          "and PNG plots in --out (one CT), or in --out/NAME per CT with a summary over them in --out (several CTs "
+          "or --manifest); an interrupted run resumes from results.csv (see docs/benchmark.md).")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -23,15 +24,29 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "with the same --out resumes and skips finished (case, method) rows.",
         epilog=EPILOG,
     )
-    p.add_argument("--ct", default="phantom", help="CT image (NIfTI/NRRD/MHA or DICOM folder, in HU), or 'phantom' "
-                                                  "(default) for the built-in spine phantom and its landmarks")
+    p.add_argument("--ct", action="append", metavar="CT",
+                   help="CT image (NIfTI/NRRD/MHA or DICOM folder, in HU), or 'phantom' (default) for the built-in "
+                        "spine phantom and its landmarks. Repeat for several CTs: one cell each, in --out/NAME")
+    p.add_argument("--manifest", metavar="FILE.json", help="several CTs from a JSON list of {name, ct, targets, "
+                   "target_labels, model, xray_ct} objects (docs/benchmark.md); instead of --ct")
     p.add_argument("--phantom-spacing", type=float, default=2.5, metavar="MM",
                    help="voxel size of the built-in phantom (default 2.5 mm)")
-    p.add_argument("--targets", metavar="SEG|MARKUPS|CSV", help="targets for mTRE: a label map (the centroid of each "
-                   "label), a Slicer markups JSON or a CSV of LPS points. Default: the phantom's landmarks, else a "
-                   "fixed sample of 20 bone voxels")
-    p.add_argument("--target-labels", metavar="LABELS", help="with a label map: which labels, e.g. 29-46 or 1,3,5-7")
-    p.add_argument("--model", metavar="MODEL_DIR", help="trained network (needed by network, network_only, hybrid)")
+    p.add_argument("--targets", action="append", metavar="SEG|MARKUPS|CSV", help="targets for mTRE: a label map (the "
+                   "centroid of each label), a Slicer markups JSON or a CSV of LPS points; one per --ct ('-': none). "
+                   "Default: the phantom's landmarks, else a fixed sample of 20 bone voxels")
+    p.add_argument("--target-labels", action="append", metavar="LABELS",
+                   help="with a label map: which labels, e.g. 29-46 or 1,3,5-7 (once for all CTs, or one per --ct)")
+    p.add_argument("--model", action="append", metavar="MODEL_DIR",
+                   help="trained network: needed by network, network_only, hybrid; given to auto (once for all "
+                        "CTs, or one per --ct: a patient-specific model each)")
+    p.add_argument("--xray-ct", action="append", metavar="CT", help="render the X-rays from this CT instead (the "
+                   "patient: e.g. the full-resolution, uncropped scan of which --ct is a crop or a resampling; same "
+                   "LPS frame); one per --ct ('-': the CT itself)")
+    p.add_argument("--xray-source", default="corrreg", metavar="NAME",
+                   help="who renders the X-rays, each with its own HU conversion: corrreg (built in, the default), or "
+                        "a name of the sources file: nanodrr, diffdrr (benchmark environment only)")
+    p.add_argument("--xray-sources", metavar="FILE.py", help="the sources file for names that are not built in "
+                   "(default: Testing/Benchmarks/xray_sources.py of this checkout)")
     p.add_argument("--protocol", default="moderate", choices=["moderate", "paper"],
                    help="initial-offset distribution and camera (DESIGN.md; default moderate)")
     p.add_argument("--cases", type=int, default=20, help="number of seeded cases (default 20)")
@@ -61,7 +76,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_benchmark(args) -> dict:
-    from .benchmark import DEFAULT_XRAY, BenchmarkConfig, format_table, parse_labels, parse_methods, run_benchmark
+    from dataclasses import replace
+
+    from .benchmark import (DEFAULT_XRAY, BenchmarkConfig, cells_from_args, cells_table, format_table, parse_methods,
+                            read_manifest, run_benchmark, run_cells)
 
     if args.threads:
         import torch
@@ -72,16 +90,36 @@ def cmd_benchmark(args) -> dict:
     xray = dict(DEFAULT_XRAY, dose=args.dose, blur_mm=args.blur_mm, heel=args.heel, scatter=args.scatter)
     config = BenchmarkConfig(
         protocol=args.protocol, cases=args.cases, seed=args.seed, methods=parse_methods(args.methods),
-        detector_downsample=args.detector_downsample, ct=args.ct, targets=args.targets,
-        target_labels=parse_labels(args.target_labels), model=args.model, device=args.device, start=args.start,
-        xray=xray, phantom_spacing_mm=args.phantom_spacing,
+        detector_downsample=args.detector_downsample, device=args.device, start=args.start, xray=xray,
+        phantom_spacing_mm=args.phantom_spacing, xray_source=args.xray_source, xray_sources_file=args.xray_sources,
     )
+    if args.manifest and args.ct:
+        raise ValueError("give either --manifest or --ct, not both")
+    if args.manifest:
+        for opt in ("targets", "target_labels", "model", "xray_ct"):
+            if getattr(args, opt):
+                raise ValueError(f"--{opt.replace('_', '-')} comes from the manifest's entries with --manifest")
+        cells = read_manifest(args.manifest)
+    else:
+        cells = cells_from_args(args.ct or ["phantom"], args.targets, args.target_labels, args.model, args.xray_ct)
     command = "corrreg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
+    if len(cells) > 1 or args.manifest:
+        summary = run_cells(config, cells, args.out, progress=not args.quiet, plots=not args.no_plots, command=command)
+        if not args.json:
+            print(f"protocol {summary['protocol']}, {summary['cases_per_cell']} cases per cell, seed {summary['seed']}; "
+                  f"X-ray source {args.xray_source}; {len(cells)} CTs in {args.out}/NAME")
+            print(cells_table(summary))
+            print(f"({summary['rows_run']} registrations run, {summary['rows_reused']} reused)")
+            return {"out": str(args.out), "cells": [c["dir"] for c in summary["cells"]]}
+        return summary
+    cell = cells[0]
+    config = replace(config, **cell.config_overrides())
     summary = run_benchmark(config, args.out, progress=not args.quiet, plots=not args.no_plots, command=command)
     if not args.json:
         print(f"protocol {summary['protocol']}, {summary['cases']} cases, seed {summary['seed']}; "
               f"detector {summary['detector']}")
-        print(f"targets: {summary['targets']}")
+        print(f"targets: {summary['targets']}; X-ray source: {summary['xray_source']['name']} "
+              f"{summary['xray_source'].get('version', '')}")
         print(format_table(summary["methods"]))
         print(f"({summary['rows_run']} registrations run, {summary['rows_reused']} reused)")
         # cli.main prints the returned object as JSON: keep it to the file list here.

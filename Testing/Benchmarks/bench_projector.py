@@ -70,9 +70,12 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from CorrRegLib.geometry import LPS_FROM_RAS, Camera, c_arm_pose, invert_pose, se3_exp  # noqa: E402
+from CorrRegLib.geometry import Camera, c_arm_pose, se3_exp  # noqa: E402
 from CorrRegLib.projector import Projector  # noqa: E402
 from CorrRegLib.volume import Volume  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import xray_sources as XS  # noqa: E402  (the one mapping of our geometry onto nanodrr's and DiffDRR's)
 
 Tensor = torch.Tensor
 
@@ -156,12 +159,8 @@ def make_camera(res: int, pp_offset: tuple[float, float]) -> Camera:
 
 
 # --------------------------------------------------------------------------------------------
-# Renderers. Each maps CorrReg's camera and camera_from_ct pose (LPS) onto its own conventions.
-
-
-def ras_from_index_affine(volume: Volume) -> np.ndarray:
-    """The torchio/NIfTI affine (voxel index (i, j, k) -> RAS mm) of a CorrReg volume."""
-    return (LPS_FROM_RAS @ volume.lps_from_index()).numpy()  # RAS = diag(-1, -1, 1) LPS
+# Renderers. Each maps CorrReg's camera and camera_from_ct pose (LPS) onto its own conventions
+# through xray_sources.py, the mapping shared with the benchmark's X-ray sources.
 
 
 @dataclass
@@ -191,85 +190,52 @@ class Ours:
 
 
 class NanoDRR:
-    """nanodrr: OpenCV-like camera (+x columns, +y rows, +z to the detector; pixel centres at
-    u + 0.5) = CorrReg's camera frame. ``rt_inv`` is camera-to-world, world = the torchio (RAS)
-    frame of the image affine. The principal point enters as an offset from the detector centre
-    in mm: x0 = (cx - W/2) dx."""
+    """nanodrr (pure-torch backend by default) on the attenuation volume as is (``convert_to_mu=False``);
+    the geometry mapping is that of ``xray_sources.py`` (its module docstring)."""
 
     name = "nanodrr"
     knob = "n_samples"
 
     def __init__(self, volume: Volume, device: torch.device, backend: str = "torch", label: str | None = None):
-        import torchio
-        from nanodrr.data import Subject
-        from nanodrr.drr import DRR
-
-        self._drr_cls = DRR
         self.device = device
         self.backend = backend
         if label:
             self.name = label
-        ras_from_index = ras_from_index_affine(volume)
-        image = torchio.ScalarImage(tensor=volume.data.permute(2, 1, 0)[None], affine=ras_from_index)  # (1, I, J, K)
-        self.subject = Subject.from_images(image, convert_to_mu=False).to(device)  # raw attenuation, no HU map
+        self.subject = XS.nanodrr_subject(volume.data, volume, convert_to_mu=False, device=device)  # no HU map
 
     def prepare(self, camera: Camera, samples: int) -> Prepared:
-        (dx, dy), (cx, cy) = camera.pixel_spacing, camera.principal_point
-        drr = self._drr_cls.from_carm_intrinsics(
-            camera.sdd, dx, dy, (cx - camera.width / 2) * dx, (cy - camera.height / 2) * dy,
-            camera.height, camera.width, dtype=torch.float32, device=self.device,
-        )
-        flip = LPS_FROM_RAS.to(torch.float32).to(self.device)  # diag(-1, -1, 1, 1): LPS <-> RAS
+        drr = XS.nanodrr_drr(camera, self.device)
         subject, n, backend = self.subject, int(samples), self.backend
 
         def fn(pose: Tensor) -> Tensor:
-            rt_inv = flip @ invert_pose(pose)  # camera -> LPS -> RAS
-            return drr(subject, rt_inv, n_samples=n, backend=backend)
+            return drr(subject, XS.nanodrr_rt_inv(pose), n_samples=n, backend=backend)
 
         return Prepared(fn, str(n))
 
 
 class DiffDRR:
-    """DiffDRR (trilinear renderer): with ``reverse_x_axis=True`` (its default) detector column 0 is
-    at +x and row 0 at +y, i.e. its camera frame is CorrReg's rotated 180 degrees about z:
-    cam_diffdrr = diag(-1,-1,1) cam. The pose it takes maps that camera frame to world (RAS of the
-    affine; ``orientation=None`` so no reorientation, and we skip its re-centring by building the
-    torchio Subject ourselves). Hence pose = F inv(camera_from_ct) F with F = diag(-1,-1,1,1).
-    The principal point offset is x0 = (cx - W/2) dx, y0 = (cy - H/2) dy (both signs flip twice).
+    """DiffDRR (trilinear renderer) on the attenuation volume as is: a torchio Subject built by hand
+    (no HU map, no re-centring); the geometry mapping is that of ``xray_sources.py``.
     ``n_points`` samples span the [min, max] ray-parameter range over all rays together."""
 
     name = "diffdrr"
     knob = "n_points"
 
     def __init__(self, volume: Volume, device: torch.device, label: str | None = None):
-        import torchio
-        from diffdrr.drr import DRR
         from diffdrr.pose import RigidTransform
 
-        self._drr_cls, self._rigid = DRR, RigidTransform
+        self._rigid = RigidTransform
         self.device = device
         if label:
             self.name = label
-        ras_from_index = ras_from_index_affine(volume)
-        # (1, I, J, K) view of the (K, J, I) array: the memory layout of a NIfTI loaded by torchio,
-        # which DiffDRR's renderer permutes back to a contiguous (K, J, I) for grid_sample.
-        density = torchio.ScalarImage(tensor=volume.data.permute(2, 1, 0)[None], affine=ras_from_index)
-        self.subject = torchio.Subject(
-            volume=density, density=density, mask=None, reorient=torch.eye(4), orientation=None, fiducials=None
-        )
+        self.subject = XS.diffdrr_subject_from_density(volume.data, volume)
 
     def prepare(self, camera: Camera, samples: int) -> Prepared:
-        (dx, dy), (cx, cy) = camera.pixel_spacing, camera.principal_point
-        drr = self._drr_cls(
-            self.subject, sdd=camera.sdd, height=camera.height, width=camera.width, delx=dx, dely=dy,
-            x0=(cx - camera.width / 2) * dx, y0=(cy - camera.height / 2) * dy,
-            renderer="trilinear", reverse_x_axis=True,
-        ).to(self.device)
-        flip = LPS_FROM_RAS.to(torch.float32).to(self.device)
+        drr = XS.diffdrr_drr(self.subject, camera, "trilinear", self.device)
         n, rigid = int(samples), self._rigid
 
         def fn(pose: Tensor) -> Tensor:
-            return drr(rigid(flip @ invert_pose(pose) @ flip), n_points=n)
+            return drr(rigid(XS.diffdrr_pose(pose)), n_points=n)
 
         return Prepared(fn, f"{n} (shared range)")
 
