@@ -19,6 +19,9 @@ Tensor = torch.Tensor
 #: Linear attenuation of water (1/mm) at an effective energy of about 60 keV.
 MU_WATER_PER_MM = 0.0206
 
+#: The fewest voxels along each axis of a CT that can be registered (its pyramid halves it).
+MIN_CT_VOXELS_PER_AXIS = 4
+
 
 def hu_to_attenuation(hu: Tensor, mu_water: float = MU_WATER_PER_MM) -> Tensor:
     """Linear attenuation (1/mm) from Hounsfield units; air and below map to 0."""
@@ -105,6 +108,29 @@ class Volume:
         idx = torch.tensor([kji[2], kji[1], kji[0], 1.0], dtype=torch.float64)
         return (self.lps_from_index() @ idx)[:3]
 
+    def check_content(self, name: str = "the CT") -> None:
+        """Raise ValueError if there is nothing to register in this CT: fewer than
+        ``MIN_CT_VOXELS_PER_AXIS`` voxels along an axis, only air, or the same value everywhere
+        (any pose would match its flat DRR equally well). ``name`` starts the message."""
+        k, j, i = self.data.shape
+        if min(i, j, k) < MIN_CT_VOXELS_PER_AXIS:
+            raise ValueError(
+                f"{name} is only {i} x {j} x {k} voxels; a CT needs at least {MIN_CT_VOXELS_PER_AXIS} voxels along "
+                "each axis (is it a thumbnail, a localizer or a single slice?)"
+            )
+        lo, hi = float(self.data.min()), float(self.data.max())
+        if hi <= 0.0:
+            raise ValueError(
+                f"{name} holds only air: no voxel is denser than air (-1000 HU), so its DRR is empty and there is "
+                "nothing to register; check that the right file or DICOM series was given"
+            )
+        if hi == lo:
+            hu = float(attenuation_to_hu(torch.tensor(lo)))
+            raise ValueError(
+                f"{name} has no structure: every voxel is {hu:.4g} HU, so every pose gives the same featureless DRR "
+                "and registration cannot work; check that the right file was given"
+            )
+
     # ---- conversions --------------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> "Volume":
         return replace(self, data=self.data.to(device=device, dtype=dtype))
@@ -123,6 +149,12 @@ class Volume:
         """Average-pool by ``factor`` along each axis, keeping the physical extent."""
         if factor == 1:
             return self
+        if any(-(-n // factor) < 2 for n in self.data.shape):
+            k, j, i = self.data.shape
+            raise ValueError(
+                f"the CT ({i} x {j} x {k} voxels) is too small to downsample by {factor}: it would keep fewer than 2 "
+                f"voxels along an axis; a CT needs at least {MIN_CT_VOXELS_PER_AXIS} voxels along each axis"
+            )
         x = self.data[None, None]
         pad = [(-s) % factor for s in reversed(self.data.shape)]  # W, H, D order for F.pad
         x = F.pad(x, [0, pad[0], 0, pad[1], 0, pad[2]], mode="replicate")

@@ -13,6 +13,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..outputs import atomic_path
+from ._integrity import check_image_data
+
 Tensor = torch.Tensor
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -29,10 +32,9 @@ def _path(path: PathLike) -> Path:
 
 
 def _write_json(obj: dict, path: PathLike) -> Path:
-    """Write ``obj`` as indented JSON, creating the parent folder."""
+    """Write ``obj`` as indented JSON, atomically, creating the parent folder."""
     p = _path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
+    with atomic_path(p) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
     return p
@@ -41,6 +43,8 @@ def _write_json(obj: dict, path: PathLike) -> Path:
 def _require_exists(path: Path, what: str) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"cannot read the {what} {path}: permission denied; make it readable")
 
 
 def _suffix(path: Path) -> str:
@@ -70,8 +74,10 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _sitk_error(path: Path, err: Exception, what: str) -> ValueError:
-    first = str(err).strip().splitlines()
+    first = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
     detail = next((ln for ln in reversed(first) if "ERROR" in ln or "error" in ln), first[-1] if first else "")
+    if detail.endswith(":") and first[-1] != detail:  # the reason follows on the last line
+        detail = f"{detail} {first[-1]}"
     return ValueError(
         f"cannot read {what} {path}: SimpleITK failed ({detail.strip()}). "
         "Use a format SimpleITK reads (NIfTI, NRRD, MHA, DICOM, PNG, TIFF)."
@@ -87,6 +93,7 @@ def _read_info(path: Path, what: str) -> sitk.ImageFileReader:
         reader.ReadImageInformation()
     except RuntimeError as err:
         raise _sitk_error(path, err, what) from None
+    check_image_data(path, reader, what)
     return reader
 
 
@@ -132,8 +139,12 @@ def _as_numpy(x: Any, dtype=np.float64) -> np.ndarray:
 
 def _load_json(path: Path, what: str) -> Any:
     _require_exists(path, what)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a {what} file")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); expected a {what}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (not UTF-8); expected a {what}") from None

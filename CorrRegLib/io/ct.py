@@ -11,6 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..outputs import atomic_path
 from ..volume import Volume, attenuation_to_hu
 from ._common import (
     PathLike,
@@ -179,9 +180,9 @@ def read_ct(path: PathLike, hu: bool = True) -> Volume:
             f"hu=False but the CT values reach {hi:.4g}, which looks like HU, not attenuation in 1/mm",
             stacklevel=2,
         )
-    if hu:
-        return img.to_volume()
-    return Volume(img.hu, img.spacing, img.origin, img.direction)
+    volume = img.to_volume() if hu else Volume(img.hu, img.spacing, img.origin, img.direction)
+    volume.check_content(f"the CT {_path(path)}")
+    return volume
 
 
 def write_ct(
@@ -227,6 +228,6 @@ def write_ct(
     img.SetOrigin(tuple(float(o) for o in org))
     img.SetDirection(tuple(float(v) for v in dirn.flatten()))
     p = _path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(p))
+    with atomic_path(p) as tmp:
+        sitk.WriteImage(img, str(tmp))
     return p

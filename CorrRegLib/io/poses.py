@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from ..geometry import check_rigid, ras_from_lps
+from ..outputs import atomic_path
 from ._common import (
     PathLike,
     Tensor,
@@ -85,8 +86,8 @@ def write_pose_itk(pose: Tensor | np.ndarray, path: PathLike) -> Path:
     tx.SetTranslation(tuple(float(v) for v in t[:3, 3]))
     tx.SetCenter((0.0, 0.0, 0.0))
     p = _path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteTransform(tx, str(p))
+    with atomic_path(p) as tmp:
+        sitk.WriteTransform(tx, str(tmp))
     return p
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..outputs import atomic_path
 from ._common import (
     PathLike,
     Tensor,
@@ -40,7 +41,9 @@ def _read_markups_json(p: Path) -> tuple[Tensor, list[str]]:
     if not isinstance(markups, list):
         raise ValueError(f'{p}: not a Slicer markups JSON (no "markups" list); save the points from Slicer as .mrk.json')
     points, names = [], []
-    for m in markups:
+    for n, m in enumerate(markups, start=1):
+        if not isinstance(m, dict):
+            raise ValueError(f"{p}: markup {n} is not an object; save the points from Slicer as .mrk.json")
         system = str(m.get("coordinateSystem", "LPS")).upper()
         if system not in ("LPS", "RAS"):
             raise ValueError(f"{p}: unknown coordinateSystem {system!r}; expected LPS or RAS")
@@ -48,13 +51,30 @@ def _read_markups_json(p: Path) -> tuple[Tensor, list[str]]:
         if units != "mm":
             raise ValueError(f"{p}: coordinateUnits {units!r} not supported; save the markups in mm")
         flip = -1.0 if system == "RAS" else 1.0
-        for cp in m.get("controlPoints", []) or []:
+        control = m.get("controlPoints", []) or []
+        if not isinstance(control, list):
+            raise ValueError(f'{p}: "controlPoints" of markup {n} must be a list of points')
+        for i, cp in enumerate(control, start=1):
+            if not isinstance(cp, dict):
+                raise ValueError(f"{p}: control point {i} of markup {n} is not an object")
             if cp.get("positionStatus", "defined") != "defined" or cp.get("position") is None:
                 continue
-            x, y, z = (float(v) for v in cp["position"])
+            label = str(cp.get("label") or cp.get("id") or f"P{len(names) + 1}")
+            x, y, z = _xyz(cp["position"], f"{p}: control point {label!r} (markup {n})")
             points.append([flip * x, flip * y, z])
-            names.append(str(cp.get("label") or cp.get("id") or f"P{len(names) + 1}"))
+            names.append(label)
     return _targets_result(points, names, p)
+
+
+def _xyz(values, where: str) -> tuple[float, float, float]:
+    """(x, y, z) from a sequence of three numbers, or a ValueError naming ``where``."""
+    try:
+        if isinstance(values, (str, bytes)) or len(values) != 3:
+            raise ValueError
+        x, y, z = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} has position {values!r}; expected three numbers x, y, z (mm)") from None
+    return x, y, z
 
 
 def _is_number(s: str) -> bool:
@@ -69,7 +89,7 @@ def _read_fcsv(p: Path) -> tuple[Tensor, list[str]]:
     ras = True  # old Slicer files default to RAS
     points, names = [], []
     with open(p, newline="", encoding="utf-8") as f:
-        for row in csv.reader(f):
+        for n, row in enumerate(csv.reader(f), start=1):
             if not row:
                 continue
             if row[0].startswith("#"):
@@ -78,7 +98,7 @@ def _read_fcsv(p: Path) -> tuple[Tensor, list[str]]:
                     value = line.split("=", 1)[-1].strip().upper()
                     ras = value in ("0", "RAS")
                 continue
-            x, y, z = (float(v) for v in row[1:4])
+            x, y, z = _xyz(row[1:4], f"{p}: line {n} ({','.join(row)[:60]})")
             s = -1.0 if ras else 1.0
             points.append([s * x, s * y, z])
             names.append(row[11] if len(row) > 11 and row[11] else f"P{len(names) + 1}")
@@ -176,10 +196,13 @@ def read_targets(path: PathLike, label_values: Iterable[int] | None = None) -> t
     suf = _suffix(p)
     if suf in (".mrk.json", ".json"):
         return _read_markups_json(p)
-    if suf == ".fcsv":
-        return _read_fcsv(p)
-    if suf in (".csv", ".tsv", ".txt"):
-        return _read_csv_points(p)
+    if suf in (".fcsv", ".csv", ".tsv", ".txt"):
+        if p.is_dir():
+            raise ValueError(f"{p} is a folder; expected a {suf} file of target points")
+        try:
+            return _read_fcsv(p) if suf == ".fcsv" else _read_csv_points(p)
+        except UnicodeDecodeError:
+            raise ValueError(f"{p} is not a text file (not UTF-8); expected {suf} target points") from None
     return _read_label_centroids(p, label_values)
 
 
@@ -195,8 +218,7 @@ def write_targets_csv(points: Tensor | np.ndarray, path: PathLike, names: Sequen
     """Write (N, 3) LPS points as CSV with header name,x,y,z (full precision)."""
     pts, names = _points_names(points, names)
     p = _path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(p) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["name", "x", "y", "z"])
         for n, (x, y, z) in zip(names, pts.tolist()):

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from ..geometry import Camera, c_arm_pose
+from ..outputs import atomic_path
 from ._common import (
     _DICOM_SUFFIXES,
     _HEADER_SPACING_SUFFIXES,
@@ -306,7 +307,6 @@ def write_xray(image: Tensor | np.ndarray, path: PathLike, camera: Camera | None
     if camera is not None and tuple(camera.size) != (w, h):
         raise ValueError(f"the camera is {camera.size[0]} x {camera.size[1]} pixels but the image is {w} x {h}")
     p = _path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     suf = _suffix(p)
     lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     scale = (hi - lo) if hi > lo else 1.0
@@ -324,17 +324,18 @@ def write_xray(image: Tensor | np.ndarray, path: PathLike, camera: Camera | None
         img.SetOrigin(((0.5 - cx) * dx, (0.5 - cy) * dy))
         if suf in (".nrrd", ".nhdr", ".mha", ".mhd"):
             img.SetMetaData(CAMERA_METADATA_KEY, json.dumps(camera.to_dict()))
-    if suf in _DICOM_SUFFIXES:
-        img.SetMetaData("0008|0060", "XA")
+    with atomic_path(p) as tmp:  # the image and its side-car move into place together
+        if suf in _DICOM_SUFFIXES:
+            img.SetMetaData("0008|0060", "XA")
+            if camera is not None:
+                img.SetMetaData("0018|1110", f"{camera.sdd:.10g}"[:16])
+                # GDCM writes the image spacing as ImagerPixelSpacing (row spacing first) for XA.
+            writer = sitk.ImageFileWriter()
+            writer.KeepOriginalImageUIDOn()
+            writer.SetFileName(str(tmp))
+            writer.Execute(img)
+        else:
+            sitk.WriteImage(img, str(tmp))
         if camera is not None:
-            img.SetMetaData("0018|1110", f"{camera.sdd:.10g}"[:16])
-            # GDCM writes the image spacing as ImagerPixelSpacing (row spacing first) for XA.
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(p))
-        writer.Execute(img)
-    else:
-        sitk.WriteImage(img, str(p))
-    if camera is not None:
-        write_camera_json(camera, camera_json_path(p))
+            write_camera_json(camera, camera_json_path(tmp))
     return p
