@@ -27,13 +27,14 @@ larger u or v). ``scatter`` is the scatter-to-primary ratio, spread with a Gauss
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .geometry import Camera
+from .geometry import Camera, invert_pose, transform_points
 from .projector import Projector
 from .volume import Volume
 
@@ -181,9 +182,10 @@ def degrade(
         raise ValueError(f"line integrals must be (..., H, W), got shape {tuple(line_integral.shape)}")
     if dose is not None and not (dose > 0):
         raise ValueError(f"dose (photons per pixel) must be positive, got {dose}")
-    if blur_mm < 0 or scatter < 0:
-        raise ValueError("blur_mm and scatter must be non-negative")
-    if gamma <= 0:
+    for name, value in (("blur_mm", blur_mm), ("scatter", scatter), ("scatter_sigma_mm", scatter_sigma_mm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative number, got {value}")
+    if not (math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be positive, got {gamma}")
     lo_pct, hi_pct = (float(w) for w in window)
     if not 0.0 <= lo_pct < hi_pct <= 100.0:
@@ -294,6 +296,7 @@ def simulate_xray(
     with torch.no_grad():
         li = projector(pose.detach().to(device=projector.device, dtype=torch.float32))
     li = li[:, 0] if not single else li[0]
+    check_render(li, projector.volume, camera, pose)
     params = dict(
         dose=dose, blur_mm=blur_mm, gamma=gamma, window=tuple(window), collimation=collimation,
         collimation_value=collimation_value, heel=heel, heel_axis=heel_axis, scatter=scatter,
@@ -311,6 +314,87 @@ def simulate_xray(
         scatter=scatter, scatter_sigma_mm=scatter_sigma_mm, normalize=normalize, seed=seed,
     )
     return SimulatedXRay(img, mask.clone(), li, camera, pose, params)
+
+
+#: Share of the detector that must see the CT before :func:`check_render` stops warning.
+MIN_COVERAGE = 0.01
+
+
+def check_render(line_integral: Tensor, volume: Volume, camera: Camera, pose: Tensor) -> None:
+    """Refuse a render that cannot be an X-ray: line integrals (H, W) or (B, H, W) that are zero
+    everywhere (the CT is out of view, so the "X-ray" would be noise alone) or not finite, or a
+    pose that puts the CT's centre behind the source or beyond the detector. The message names
+    the likely cause (an inverted pose, the CT behind the source or beyond the detector, out of
+    the field of view, a principal point off the detector). Warns when less than
+    ``MIN_COVERAGE`` of the detector sees the CT."""
+    li = line_integral.reshape(-1, *line_integral.shape[-2:])
+    poses = torch.as_tensor(pose, dtype=torch.float64).detach().cpu().reshape(-1, 4, 4)
+    for b in range(li.shape[0]):
+        which = f" (pose {b})" if li.shape[0] > 1 else ""
+        if not bool(torch.isfinite(li[b]).all()):
+            raise ValueError(f"the render{which} holds NaN or Inf values; check the camera and the pose for NaN or Inf")
+        depth = _centre_depth(volume, poses[b])
+        covered = float((li[b] > 1e-6).float().mean())
+        if covered == 0.0 or not 0.0 < depth < camera.sdd:
+            result = "noise alone" if covered == 0.0 else "physically impossible"
+            raise ValueError(
+                f"the CT is not in view at this pose{which}, so its X-ray would be {result}: "
+                + _why_not_in_view(volume, camera, poses[b])
+            )
+        if covered < MIN_COVERAGE:
+            warnings.warn(
+                f"only {covered:.2%} of the detector sees the CT at this pose{which}; "
+                "check the pose (camera_from_ct) and the camera", stacklevel=3
+            )
+
+
+def _centre_depth(volume: Volume, pose: Tensor) -> float:
+    return float(transform_points(pose, volume.center_lps().reshape(1, 3))[0, 2])
+
+
+def _shadow(volume: Volume, camera: Camera, pose: Tensor) -> tuple[float, float, float, float] | None:
+    """The (u0, u1, v0, v1) pixel box of the CT's shadow, None unless the CT lies wholly in
+    front of the source."""
+    pts = transform_points(pose, volume.corners_lps())
+    if not bool((pts[:, 2] > 1e-6).all()):
+        return None
+    dx, dy = camera.pixel_spacing
+    cx, cy = camera.principal_point
+    u = camera.sdd / dx * pts[:, 0] / pts[:, 2] + cx
+    v = camera.sdd / dy * pts[:, 1] / pts[:, 2] + cy
+    return float(u.min()), float(u.max()), float(v.min()), float(v.max())
+
+
+def _in_view(volume: Volume, camera: Camera, pose: Tensor) -> bool:
+    box = _shadow(volume, camera, pose)
+    return (box is not None and 0.0 < _centre_depth(volume, pose) < camera.sdd
+            and box[0] < camera.width and box[1] > 0 and box[2] < camera.height and box[3] > 0)
+
+
+def _why_not_in_view(volume: Volume, camera: Camera, pose: Tensor) -> str:
+    """The likely reason why the CT is not in view of ``camera`` at ``pose``, with the fix."""
+    w, h = camera.size
+    cx, cy = camera.principal_point
+    pp = ""
+    if not (-w <= cx <= 2 * w and -h <= cy <= 2 * h):
+        pp = (f" The principal point ({cx:g}, {cy:g}) px lies far off the {w} x {h} px detector: it is in pixels "
+              f"(default: the centre, ({w / 2:g}, {h / 2:g})).")
+    if _in_view(volume, camera, invert_pose(pose)):
+        return ("the pose looks inverted: its inverse shows the CT. A pose must be camera_from_ct (it maps CT points "
+                "into the camera frame); this one is probably ct_from_camera (where the C-arm sits in the CT, as "
+                "Slicer's transform node shows it): pass its inverse." + pp)
+    depth = _centre_depth(volume, pose)
+    if depth <= 0:
+        return (f"the CT lies behind the X-ray source (its centre's depth in the camera frame is {depth:.0f} mm; it "
+                f"must lie between the source, at 0, and the detector, at sdd = {camera.sdd:g} mm): check the pose's "
+                "translation and its direction (camera_from_ct)." + pp)
+    if depth >= camera.sdd:
+        return (f"the CT lies beyond the detector (its centre's depth is {depth:.0f} mm, the sdd {camera.sdd:g} mm): "
+                "check the pose's translation (mm) and the sdd." + pp)
+    box = _shadow(volume, camera, pose)
+    where = "" if box is None else f" (its shadow spans u {box[0]:.0f} to {box[1]:.0f} px, v {box[2]:.0f} to {box[3]:.0f} px)"
+    return (f"the CT lies outside the field of view of the {w} x {h} px detector{where}: check the pose and the "
+            "camera (detector size, pixel spacing, principal point)." + pp)
 
 
 def random_degradation(generator: torch.Generator | int | None = None) -> dict:
