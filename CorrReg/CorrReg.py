@@ -28,8 +28,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CorrRegModuleLib import adapter
-from CorrRegModuleLib.logic import METHOD_LABELS, CorrRegLogicCore
+from CorrRegModuleLib.logic import CorrRegLogicCore
+from CorrRegModuleLib.panel import XrayGeometryFiller
 
 try:
     from slicer.i18n import tr as _
@@ -56,7 +56,7 @@ class CorrReg(ScriptedLoadableModule):
         self.parent.title = _("CorrReg X-ray to CT")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []  # torch comes from the PyTorch extension, checked at run time
-        self.parent.contributors = ["CorrReg contributors"]
+        self.parent.contributors = ["CorrReg Maintainers (CorrReg project)"]
         self.parent.helpText = _("""
 Registers an intra-operative X-ray (fluoroscopy) image to a pre-operative CT: finds the rigid pose
 of the CT relative to the C-arm so that a simulated radiograph (DRR) of the CT matches the X-ray.
@@ -68,12 +68,14 @@ sliders while watching the DRR overlay,</li>
 C-arm's camera frame, the X-ray and the DRR around the CT; saved as an ITK file it is
 camera_from_ct in LPS.</li>
 </ul>
-Methods: the correlation-driven network with intensity refinement (hybrid), the network alone,
-coarse-to-fine intensity optimisation, or CMA-ES global search.
+Methods: Automatic (the default; works on any C-arm: the network pipeline when a model trained for
+this C-arm is given, else a global search and refinement), coarse-to-fine intensity optimisation,
+CMA-ES global search, the correlation-driven network alone, or the network with refinement (hybrid).
+"Train a model for this CT" trains a patient-specific network in the background and then uses it.
 See <a href="https://github.com/CorrReg/SlicerCorrReg/blob/main/docs/slicer.md">the module documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
-CorrReg implements the method of: M. Chen, Z. Zhang, S. Gu, Y. Kong,
+CorrReg implements the method of: M. Chen, Z. Zhang, S. Gu, Z. Ge, Y. Kong,
 "Fully Differentiable Correlation-driven 2D/3D Registration for X-ray to CT Image Fusion",
 IEEE International Symposium on Biomedical Imaging (ISBI) 2024, arXiv:2402.02498.
 Its differentiable projector follows ProST: C. Gao, X. Liu, W. Gu, B. Killeen, M. Armand,
@@ -89,13 +91,20 @@ Built on the 3D Slicer scripted module template and the PyTorch extension.
 
 
 class RegistrationMethod(enum.Enum):
-    Hybrid = "hybrid"
-    Network = "network"
+    Auto = "auto"
     Intensity = "intensity"
     CMAES = "cmaes"
+    Network = "network"
+    Hybrid = "hybrid"
 
     def label(self):
-        return METHOD_LABELS[self.value]
+        return {
+            "auto": _("Automatic (any C-arm; the network where a model for it is given)"),
+            "intensity": _("Intensity (coarse-to-fine gradient)"),
+            "cmaes": _("CMA-ES (global search + refinement)"),
+            "network": _("Network (learned correlation similarity)"),
+            "hybrid": _("Hybrid (network + intensity refinement)"),
+        }[self.value]
 
 
 class InitialPoseMode(enum.Enum):
@@ -146,10 +155,10 @@ class CorrRegParameterNode:
     translationOffsetY: Annotated[float, WithinRange(-150.0, 150.0)] = 0.0
     translationOffsetZ: Annotated[float, WithinRange(-300.0, 300.0)] = 0.0
     # registration
-    method: RegistrationMethod = RegistrationMethod.Hybrid
+    method: RegistrationMethod = RegistrationMethod.Auto
     modelPath: str = ""
     device: ComputeDevice = ComputeDevice.Auto
-    iterationsPerTick: Annotated[int, WithinRange(1, 50)] = 2
+    trainingSteps: Annotated[int, WithinRange(10, 100000)] = 600
     # output
     outputTransform: vtkMRMLLinearTransformNode
     drrVolume: vtkMRMLScalarVolumeNode
@@ -162,7 +171,11 @@ class CorrRegParameterNode:
 
 
 class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """GUI: binds the .ui to the parameter node and steps the registration from a QTimer."""
+    """GUI: binds the .ui to the parameter node; the registration runs in a worker thread and a
+    short QTimer brings the scene up to date (``CorrRegModuleLib.run.RegistrationRun.poll``)."""
+
+    #: How often the main thread applies what the worker sent (ms); each poll takes milliseconds.
+    POLL_INTERVAL_MS = 50
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -170,24 +183,31 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._timer = None
+        self._pollTimer = None
+        self._trainingTimer = None
         self._previewTimer = None
         self._previewBase = None  # (key, base pose, isocenter) for the offset sliders
-        self._updatingGeometry = False
+        self._geometryFiller = None
+        self._adoptedRun = None
+        self._uiWidget = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CorrReg.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self._uiWidget = slicer.util.loadUI(self.resourcePath("UI/CorrReg.ui"))
+        self.layout.addWidget(self._uiWidget)
+        self.ui = slicer.util.childWidgetVariables(self._uiWidget)
+        self._uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = CorrRegLogic()
+        self._geometryFiller = XrayGeometryFiller(self.logic)
 
-        # Registration steps run from a timer so that the GUI never freezes.
-        self._timer = qt.QTimer()
-        self._timer.setInterval(1)
-        self._timer.connect("timeout()", self.onTimerTick)
+        # The worker thread computes; this timer writes its results into the scene.
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+        self._trainingTimer = qt.QTimer()
+        self._trainingTimer.setInterval(250)
+        self._trainingTimer.connect("timeout()", self.onTrainingTimer)
         # Slider drags are coalesced: the DRR is redrawn at most every 60 ms.
         self._previewTimer = qt.QTimer()
         self._previewTimer.setSingleShot(True)
@@ -198,31 +218,28 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.readGeometryButton.connect("clicked(bool)", self.onReadGeometry)
         self.ui.showInitialPoseButton.connect("clicked(bool)", self.onShowInitialPose)
         self.ui.resetOffsetsButton.connect("clicked(bool)", self.onResetOffsets)
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
-        self.ui.xraySelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onXrayChanged)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         for slider in (self.ui.rotationXSlider, self.ui.rotationYSlider, self.ui.rotationZSlider,
                        self.ui.translationXSlider, self.ui.translationYSlider, self.ui.translationZSlider):
             slider.connect("valueChanged(double)", self.schedulePreview)
-        for widget in (self.ui.initialPoseModeComboBox,):
-            widget.connect("currentIndexChanged(int)", self.onBasePoseInputChanged)
-        for widget in (self.ui.primaryAngleSpinBox, self.ui.secondaryAngleSpinBox, self.ui.sodSpinBox,
-                       self.ui.sddSpinBox, self.ui.pixelSpacingXSpinBox, self.ui.pixelSpacingYSpinBox,
-                       self.ui.principalPointXSpinBox, self.ui.principalPointYSpinBox):
-            widget.connect("valueChanged(double)", self.onBasePoseInputChanged)
-        for selector in (self.ui.ctSelector, self.ui.xraySelector, self.ui.initialTransformSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.onBasePoseInputChanged)
+        # Everything else reacts to the parameter node (onParameterNodeModified), after the
+        # parameterNodeWrapper stored the widget's new value: see CorrRegModuleLib/panel.py.
 
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.setValue(0)
+        self.ui.trainingProgressBar.setRange(0, 100)
+        self.ui.trainingProgressBar.setValue(0)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
+        for timer in (self._pollTimer, self._trainingTimer, self._previewTimer):
+            if timer is not None:
+                timer.stop()
         if self.logic is not None:
             self.logic.abandon()
         self.removeObservers()
@@ -231,18 +248,17 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        # A running registration keeps going (the timer is independent of the module panel).
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        # A running registration keeps going (the worker and the poll timer do not need the panel).
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        # The nodes are about to go: stop without writing into them.
-        if self._timer is not None:
-            self._timer.stop()
+        # The logic stops the run and frees its memory itself (it observes the scene too).
+        for timer in (self._pollTimer, self._trainingTimer, self._previewTimer):
+            if timer is not None:
+                timer.stop()
         self.logic.abandon()
         self._previewBase = None
+        self._adoptedRun = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -258,70 +274,83 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._parameterNode.ctVolume = node
                     break
 
+    def _connectGui(self, p):
+        """Bind the .ui's widgets (their SlicerParameterName property) to ``p``; returns the tag.
+
+        ``connectParametersToGui`` returns its tag on every supported Slicer; ``connectGui`` does
+        not on 5.8, where ``disconnectGui(None)`` would then leave the connections in place and
+        every ``enter()`` would add another set."""
+        mapping = {}
+        for widget in self._uiWidget.findChildren(qt.QWidget):
+            name = widget.property("SlicerParameterName")
+            if name:
+                mapping[name] = widget
+        return p.connectParametersToGui(mapping)
+
     def setParameterNode(self, inputParameterNode: Optional[CorrRegParameterNode]) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._parameterNodeGuiTag = self._connectGui(self._parameterNode)
+            self._geometryFiller.adopt(self._parameterNode)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._updateButtons()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        geo = self._geometryFiller.onParameterNodeModified(p)
+        if geo is not None:
+            self._showGeometrySources(geo)
         self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        running = self.logic is not None and self.logic.isRunning
+        run = self.logic.currentRun if self.logic is not None else None
+        running = run is not None and not run.stopped
+        cancelling = running and run.done
+        training = self.logic is not None and self.logic.currentTraining is not None \
+            and not self.logic.currentTraining.finished
         ready = bool(p and p.ctVolume and p.xrayVolume)
-        self.ui.registerButton.text = _("Cancel") if running else _("Register")
-        self.ui.registerButton.enabled = running or ready
+        self.ui.registerButton.text = (_("Cancelling...") if cancelling else _("Cancel") if running
+                                       else _("Register"))
+        self.ui.registerButton.enabled = (running and not cancelling) or (ready and not training)
         self.ui.registerButton.toolTip = (
             _("Stop now; the best pose found so far is kept.") if running
             else _("Register the X-ray to the CT.") if ready else _("Select a CT and an X-ray image."))
         self.ui.showInitialPoseButton.enabled = ready and not running
         for section in (self.ui.inputsCollapsibleButton, self.ui.cameraCollapsibleButton,
                         self.ui.initialPoseCollapsibleButton):
-            section.enabled = not running
+            section.enabled = not running and not training
+        # mid-run, what the run uses stays as it started
+        for widget in (self.ui.methodComboBox, self.ui.modelPathLineEdit, self.ui.modelBrowseButton,
+                       self.ui.deviceComboBox, self.ui.outputTransformSelector, self.ui.drrSelector,
+                       self.ui.trainingStepsSpinBox):
+            widget.enabled = not running and not training
+        self.ui.trainButton.text = _("Cancel training") if training else _("Train a model for this CT")
+        self.ui.trainButton.enabled = training or (ready and not running)
         self.ui.initialTransformSelector.enabled = bool(p and p.initialPoseMode == InitialPoseMode.Transform)
         carm = bool(p and p.initialPoseMode == InitialPoseMode.CArmAngles)
         self.ui.primaryAngleSpinBox.enabled = carm
         self.ui.secondaryAngleSpinBox.enabled = carm
 
     # ---- camera geometry -------------------------------------------------------------------------
-    def onXrayChanged(self, node) -> None:
-        if node is not None and not self._updatingGeometry:
-            self.fillGeometryFields(node, quiet=True)
-
     def onReadGeometry(self) -> None:
-        if self._parameterNode and self._parameterNode.xrayVolume:
-            self.fillGeometryFields(self._parameterNode.xrayVolume, quiet=False)
-
-    def fillGeometryFields(self, xrayNode, quiet=True) -> None:
-        """Copy what the X-ray node / its DICOM tags / camera JSON say into the editable fields."""
         p = self._parameterNode
-        if p is None:
-            return
-        try:
-            geo = self.logic.cameraGeometryFromNode(xrayNode)
-        except Exception as e:
-            if not quiet:
+        if p and p.xrayVolume:
+            try:
+                geo = self._geometryFiller.fill(p, p.xrayVolume)
+            except Exception as e:
                 slicer.util.errorDisplay(_("Could not read the X-ray geometry: ") + str(e))
-            return
-        self._updatingGeometry = True
-        try:
-            with slicer.util.NodeModify(p.parameterNode):
-                if geo.get("sdd"):
-                    p.sdd = float(geo["sdd"])
-                if geo.get("pixelSpacing"):
-                    p.pixelSpacingX, p.pixelSpacingY = (float(v) for v in geo["pixelSpacing"])
-                pp = geo.get("principalPoint")
-                p.principalPointX, p.principalPointY = (float(pp[0]), float(pp[1])) if pp else (-1.0, -1.0)
-                if geo.get("sod"):
-                    p.sod = float(geo["sod"])
-                if "primaryAngle" in geo or "secondaryAngle" in geo:
-                    p.primaryAngle = float(geo.get("primaryAngle", 0.0))
-                    p.secondaryAngle = float(geo.get("secondaryAngle", 0.0))
-        finally:
-            self._updatingGeometry = False
+                return
+            self._showGeometrySources(geo)
+
+    def _showGeometrySources(self, geo) -> None:
         sources = geo.get("sources", {})
         text = ", ".join(f"{k}: {v}" for k, v in sources.items()) if sources else _("nothing found")
         if not geo.get("sdd"):
@@ -336,11 +365,16 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             principalPoint=(p.principalPointX, p.principalPointY) if p.principalPointX >= 0 and p.principalPointY >= 0 else None,
         )
 
-    # ---- initial pose and live preview ----------------------------------------------------------
-    def onBasePoseInputChanged(self, *args) -> None:
-        self._previewBase = None
-        self._updateButtons()
+    def _poseArguments(self) -> dict:
+        """The initial pose as the logic's start() takes it (computed in the worker)."""
+        p = self._parameterNode
+        mode = p.initialPoseMode.value
+        return dict(initialPoseMode=mode, initialTransformNode=p.initialTransform if mode == "transform" else None,
+                    sod=p.sod if p.sod > 0 else None, primaryAngle=p.primaryAngle, secondaryAngle=p.secondaryAngle,
+                    rotationOffsetDeg=(p.rotationOffsetX, p.rotationOffsetY, p.rotationOffsetZ),
+                    translationOffsetMm=(p.translationOffsetX, p.translationOffsetY, p.translationOffsetZ))
 
+    # ---- initial pose and live preview ----------------------------------------------------------
     def onResetOffsets(self) -> None:
         p = self._parameterNode
         if p is None:
@@ -362,24 +396,23 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updatePreview(showErrors=True)
 
     def _currentInitialPose(self):
-        """(camera, initial camera_from_ct) from the GUI: cached base pose + slider offsets."""
+        """(camera, initial camera_from_ct) for the preview: cached base pose + slider offsets."""
         p = self._parameterNode
         ct, xray = p.ctVolume, p.xrayVolume
-        camera = self.logic.cameraForNode(xray, **self._cameraArguments())
-        mode = p.initialPoseMode.value
-        key = (ct.GetID(), xray.GetID(), mode, p.initialTransform.GetID() if p.initialTransform else None,
-               p.sod, p.primaryAngle, p.secondaryAngle, camera.sdd, tuple(camera.pixel_spacing),
+        camera = self.logic.cameraForNode(xray, **self._cameraArguments())  # the file is read once per node
+        args = self._poseArguments()
+        key = (ct.GetID(), xray.GetID(), args["initialPoseMode"], p.initialTransform.GetID() if p.initialTransform else None,
+               args["sod"], p.primaryAngle, p.secondaryAngle, camera.sdd, tuple(camera.pixel_spacing),
                tuple(camera.principal_point))
         if self._previewBase is None or self._previewBase[0] != key:
             volume = self.logic.cachedVolume(ct)
-            base = self.logic.initialPose(volume, camera, mode, p.initialTransform, p.sod if p.sod > 0 else None,
+            base = self.logic.initialPose(volume, camera, args["initialPoseMode"], p.initialTransform, args["sod"],
                                           p.primaryAngle, p.secondaryAngle)
             self._previewBase = (key, base, self.logic.isocenterOf(volume))
         _, base, iso = self._previewBase
-        pose = self.logic.initialPose(
-            None, camera, basePose=base, isocenter=iso,
-            rotationOffsetDeg=(p.rotationOffsetX, p.rotationOffsetY, p.rotationOffsetZ),
-            translationOffsetMm=(p.translationOffsetX, p.translationOffsetY, p.translationOffsetZ))
+        pose = self.logic.initialPose(None, camera, basePose=base, isocenter=iso,
+                                      rotationOffsetDeg=args["rotationOffsetDeg"],
+                                      translationOffsetMm=args["translationOffsetMm"])
         return camera, pose
 
     def updatePreview(self, showErrors=False) -> None:
@@ -403,6 +436,8 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _adoptCreatedNodes(self, nodes) -> None:
         p = self._parameterNode
+        if p is None:
+            return
         if p.outputTransform is None and nodes.get("outputTransform") is not None:
             p.outputTransform = nodes["outputTransform"]
         if p.drrVolume is None and nodes.get("drr") is not None:
@@ -416,72 +451,140 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             self._parameterNode.modelPath = path
 
-    # ---- registration ----------------------------------------------------------------------------
+    # ---- dependencies ----------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
-        """Offer to install missing packages (PyTorchUtils and pip_ensure each ask first)."""
+        """Offer to install missing packages (PyTorchUtils and pip_ensure each ask first). No busy
+        cursor while they ask; an install error is shown, not raised out of the slot."""
         if not self.logic.missingDependencies():
             return True
-        with slicer.util.tryWithErrorDisplay(_("Failed to install the dependencies."), waitCursor=True):
+        try:
             self.logic.installDependencies(askConfirmation=True)
+        except Exception as e:
+            logging.exception("CorrReg: installing the dependencies failed")
+            slicer.util.errorDisplay(_("Failed to install the dependencies: ") + str(e))
         missing = self.logic.missingDependencies()
         if missing:
             self.ui.statusLabel.text = _("Not installed: ") + ", ".join(missing)
         return not missing
 
+    # ---- registration ----------------------------------------------------------------------------
     def onRegisterButton(self) -> None:
         if self.logic.isRunning:
-            self._stopRun(cancel=True)
+            self.logic.cancel()  # the worker stops at its next step boundary; the timer shows it
+            self.ui.statusLabel.text = _("Cancelling: the best pose so far is kept")
+            self._updateButtons()
             return
         if not self._ensureDependencies():
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the registration."), waitCursor=True):
-            camera, pose = self._currentInitialPose()
-            run = self.logic.start(
-                p.ctVolume, p.xrayVolume, p.outputTransform, method=p.method.value, camera=camera, initialPose=pose,
+        try:
+            camera = self.logic.cameraForNode(p.xrayVolume, **self._cameraArguments())
+            self.logic.start(
+                p.ctVolume, p.xrayVolume, p.outputTransform, method=p.method.value, camera=camera,
                 device=p.device.value, modelPath=p.modelPath or None, drrNode=p.drrVolume,
                 sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(), opacity=p.opacity,
-                invertXray=p.invertXray, iterationsPerStep=p.iterationsPerTick)
-            self._adoptCreatedNodes(run.nodes)
-            self.ui.progressBar.setValue(0)
-            self.ui.resultLabel.text = ""
-            self.ui.statusLabel.text = _("Starting ({method} on {device})").format(method=p.method.value, device=run.options.device)
-            self._timer.start()
-        self._updateButtons()
-
-    def onTimerTick(self) -> None:
-        if not self.logic.isRunning:
-            self._timer.stop()
-            return
-        try:
-            info = self.logic.step(self._parameterNode.iterationsPerTick if self._parameterNode else None)
+                invertXray=p.invertXray, background=True, **self._poseArguments())
         except Exception as e:
-            self._timer.stop()
-            logging.exception("CorrReg registration failed")
-            slicer.util.errorDisplay(_("The registration failed: ") + str(e))
-            self.ui.statusLabel.text = _("Failed: ") + str(e)
+            slicer.util.errorDisplay(_("Failed to start the registration: ") + str(e))
             self._updateButtons()
             return
-        self.ui.progressBar.setValue(int(round(100 * info.progress)))
-        self.ui.statusLabel.text = _("{stage}: iteration {it}, loss {loss:.4f}").format(
-            stage=info.stage, it=info.iteration, loss=info.loss)
-        if info.done:
-            self._stopRun(cancel=False)
+        self._adoptedRun = None
+        self.ui.progressBar.setValue(0)
+        self.ui.resultLabel.text = ""
+        self.ui.statusLabel.text = _("Preparing: reading the CT, setting up the projectors")
+        self._pollTimer.start()
+        self._updateButtons()
 
-    def _stopRun(self, cancel: bool) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-        if self.logic is None or self.logic.currentRun is None or self.logic.currentRun.finished:
+    def onPollTimer(self) -> None:
+        run = self.logic.currentRun
+        if run is None:
+            self._pollTimer.stop()
+            self._updateButtons()
             return
-        if cancel:
-            self.logic.cancel()
-        try:
-            self.logic.finish()
-            self.ui.resultLabel.text = self.logic.currentRun.summary()
+        info = run.poll()
+        if run.nodes and self._adoptedRun is not run:
+            self._adoptCreatedNodes(run.nodes)
+            self._adoptedRun = run
+        if run.error is not None:
+            self._pollTimer.stop()
+            logging.error("CorrReg registration failed during %s:\n%s", getattr(run, "errorDuring", "?"),
+                          getattr(run, "errorDetails", ""))
+            slicer.util.errorDisplay(_("The registration failed: ") + str(run.error))
+            self.ui.statusLabel.text = _("Failed: ") + str(run.error)
+            self._updateButtons()
+            return
+        if info is not None and not run.stopped:
+            self.ui.progressBar.setValue(int(round(100 * info.progress)))
+            self.ui.statusLabel.text = _("{note} - {stage}: iteration {it}, loss {loss:.4f}").format(
+                note=run.pipelineNote, stage=info.stage, it=info.iteration, loss=info.loss)
+        if run.stopped and run.result is not None:
             self.ui.progressBar.setValue(100)
+            self.ui.resultLabel.text = run.summary()
+            self.ui.statusLabel.text = (run.pipelineNote + " - " + (_("done") if run.finished
+                                        else _("rendering the final DRR")))
+            self._previewBase = None  # a transform-based start must re-read the new pose
+        if run.finished:
+            self._pollTimer.stop()
+        self._updateButtons()
+
+    # ---- training a model for this CT ------------------------------------------------------------
+    def onTrainButton(self) -> None:
+        training = self.logic.currentTraining
+        if training is not None and not training.finished:
+            training.cancel()
+            self.ui.trainingStatusLabel.text = _("Cancelling the training")
+            return
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        outDir = self.logic.defaultModelFolder(p.ctVolume)
+        if outDir is None:
+            folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(),
+                                                         _("Folder for the trained model (the scene is not saved)"))
+            if not folder:
+                return
+            outDir = os.path.join(folder, p.ctVolume.GetName())
+        overwrite = os.path.exists(os.path.join(outDir, "model.safetensors"))
+        if overwrite and not slicer.util.confirmYesNoDisplay(
+                _("{folder} already holds a model. Replace it?").format(folder=outDir)):
+            return
+        try:
+            camera = self.logic.cameraForNode(p.xrayVolume, **self._cameraArguments())
+            self.logic.trainModel(p.ctVolume, p.xrayVolume, outDir, steps=p.trainingSteps, device=p.device.value,
+                                  camera=camera, overwrite=overwrite)
         except Exception as e:
-            slicer.util.errorDisplay(_("Could not finish the registration: ") + str(e))
-        self._previewBase = None  # a transform-based start must re-read the new pose
+            slicer.util.errorDisplay(_("Could not start the training: ") + str(e))
+            return
+        self.ui.trainingProgressBar.setValue(0)
+        self.ui.trainingStatusLabel.text = _("Training in a background process: {folder}").format(folder=outDir)
+        self._trainingTimer.start()
+        self._updateButtons()
+
+    def onTrainingTimer(self) -> None:
+        training = self.logic.currentTraining
+        if training is None:
+            self._trainingTimer.stop()
+            self._updateButtons()
+            return
+        prog = training.poll()
+        self.ui.trainingProgressBar.setValue(int(round(100 * prog.fraction)))
+        if not prog.finished:
+            self.ui.trainingStatusLabel.text = _("{stage}: step {done} of {steps}, loss {loss:.3f}").format(
+                stage=prog.stage, done=prog.done, steps=prog.steps, loss=prog.loss)
+            return
+        self._trainingTimer.stop()
+        if prog.stage == "finished":
+            p = self._parameterNode
+            if p is not None:
+                with slicer.util.NodeModify(p.parameterNode):
+                    p.modelPath = prog.modelDir
+                    p.method = RegistrationMethod.Auto
+            self.ui.trainingStatusLabel.text = _("Trained: {folder}. Automatic now uses it.").format(folder=prog.modelDir)
+        elif prog.stage == "cancelled":
+            self.ui.trainingStatusLabel.text = _("Training cancelled")
+        else:
+            self.ui.trainingStatusLabel.text = _("Training failed: ") + prog.error
+            slicer.util.errorDisplay(_("Training failed: ") + prog.error)
         self._updateButtons()
 
 
@@ -528,6 +631,13 @@ class CorrRegTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        # Reload and Test calls runTest directly, where a skipTest would count as a failure: say
+        # why nothing runs instead.
+        missing = CorrRegLogicCore.missingDependencies()
+        if missing:
+            self.delayDisplay("CorrReg self-test not run: it needs " + ", ".join(missing)
+                              + " (install the PyTorch extension, then click Register once to install the rest)")
+            return
         self.setUp()
         self.test_CorrReg_adapterRoundTrip()
         self.test_CorrReg_registerPhantom()
@@ -551,7 +661,8 @@ class CorrRegTest(ScriptedLoadableModuleTest):
         self._needsTorch()
         from CorrRegModuleLib.selftest import runSelfTest
 
-        report = runSelfTest(CorrRegLogic(), slicer.mrmlScene, log=self.delayDisplay)
+        # In the worker thread, as the GUI runs it.
+        report = runSelfTest(CorrRegLogic(), slicer.mrmlScene, log=self.delayDisplay, background=True)
         self.assertLess(report["mTRE"], report["tolerance_mm"], report)
         self.assertLess(report["mTRE"], report["initial_mTRE"], report)
         self.delayDisplay(f"Test passed: mTRE {report['initial_mTRE']:.1f} mm -> {report['mTRE']:.2f} mm")

@@ -69,8 +69,9 @@ def mTRE(poseA, poseB, points) -> float:
 
 def runSelfTest(logic, scene, method: str = "intensity", log=print, size: int = 96,
                 rotationOffsetDeg=(3.0, -2.0, 3.0), translationOffsetMm=(6.0, -5.0, 15.0),
-                tolerance_mm: float = 2.0, options=None, phantom=None) -> dict:
-    """Register a simulated X-ray to the phantom through ``logic.register`` and report errors."""
+                tolerance_mm: float = 2.0, options=None, phantom=None, background: bool = False) -> dict:
+    """Register a simulated X-ray to the phantom through ``logic.register`` and report errors
+    (``background``: in the worker thread, as the GUI runs it)."""
     import torch
 
     log("Building the phantom CT and a simulated X-ray")
@@ -80,7 +81,7 @@ def runSelfTest(logic, scene, method: str = "intensity", log=print, size: int = 
     log(f"Registering ({method})")
     result = logic.register(case["ct"], case["xray"], transform, method=method, initialPoseMode="carm",
                             rotationOffsetDeg=rotationOffsetDeg, translationOffsetMm=translationOffsetMm,
-                            primaryAngle=0.0, secondaryAngle=0.0, options=options)
+                            primaryAngle=0.0, secondaryAngle=0.0, options=options, background=background)
     estimate = torch.from_numpy(adapter.poseArrayFromTransformNode(transform))
     initial = logic.currentRun.options.initialPose
     report = {
