@@ -456,6 +456,7 @@ def train(
     use_decomp: bool = True,
     xray_pool: int = 128,
     stop_after: int | None = None,
+    on_step=None,
     **config_overrides,
 ) -> TrainResult:
     """Train (or resume training) a network on ``cts`` seen through ``camera``.
@@ -469,6 +470,8 @@ def train(
     Each CT is average-pooled as registration pools it for the network's input size
     (:meth:`Volume.pool_factor` with ``voxel_slack``; None keeps full resolution), so a
     512 x 512 CT trains as fast as its detector footprint allows and on the DRRs it will meet.
+    ``on_step(record)``, if given, is called after every step with that step's losses and
+    ``{"done": steps done, "steps": steps}`` (``corrreg train --progress-json`` prints them).
     """
     t_start = time.perf_counter()
     if not cts:
@@ -594,6 +597,8 @@ def train(
             bar.set_postfix(appro=f"{h['appro']:.3f}", decomp=f"{h['decomp']:.3f}", cos_r=f"{h['cos_r']:+.2f}",
                             cos_t=f"{h['cos_t']:+.2f}")
         done = step + 1
+        if on_step is not None:
+            on_step(dict(h, done=done, steps=end))
         if validate_every and done % validate_every == 0 and done < end:
             validation.append(run_validation(done))
             if bar is not None:
