@@ -146,10 +146,9 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         ``initialPoseMode`` ("ap" default, "carm" with ``primaryAngle``/``secondaryAngle``).
         Nothing in the scene changes if this raises.
         """
-        if self.currentRun is not None and not self.currentRun.finished:
-            if not self.currentRun.stopped:
-                raise ValueError("a registration is already running; cancel or finish it first")
-            self.currentRun.abandon()  # stopped, only its final DRR was still to come
+        previous = self.currentRun
+        if previous is not None and not previous.finished and not previous.stopped:
+            raise ValueError("a registration is already running; cancel or finish it first")
         method = str(method).lower().replace("-", "")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -193,6 +192,8 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         options_ = RunOptions(method, str(device), cam, None, int(iterationsPerStep), float(drrUpdateInterval))
         # 3. the set-up (here, or in the worker) and, once it succeeded, the scene
         run = RegistrationRun(self, RegistrationEngine(job), options_, sceneArgs, background, progressCallback)
+        if previous is not None:  # its final DRR (if still to come) is not wanted any more
+            previous.abandon() if not previous.finished else previous.release()
         self.currentRun = run
         return run
 

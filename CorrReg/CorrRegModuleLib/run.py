@@ -204,15 +204,18 @@ class RegistrationRun:
     def abandon(self) -> None:
         """Stop without touching the scene again (the scene is closing, or a new run starts)."""
         self._abandoned = True
-        if self._worker is not None:
-            self._worker.abandon()
+        if self._worker is not None and self._worker.alive:
+            self._worker.abandon()  # the worker frees the engine's memory as it ends
         else:
             self.engine.cancel()
-        self.engine_release()
+            self.engine.releaseInBackground()
 
-    def engine_release(self) -> None:
-        if self._worker is None or not self._worker.alive:
-            self.engine.release()
+    def release(self) -> None:
+        """Free the session, projectors and CT copy once the run is over (in a helper thread)."""
+        if self._worker is not None and self._worker.alive:
+            self._worker.abandon()
+        else:
+            self.engine.releaseInBackground()
 
     def summary(self) -> str:
         r = self.result

@@ -199,6 +199,11 @@ class RegistrationEngine:
         """Drop the session, the projectors and the CT copy."""
         self.session = self.renderer = self.volume = None
 
+    def releaseInBackground(self) -> None:
+        """``release`` in a short-lived thread: freeing a 512^3 CT and its projectors takes a few
+        hundred milliseconds, which the main thread must not spend."""
+        threading.Thread(target=self.release, name="CorrReg release", daemon=True).start()
+
 
 class WorkerThread:
     """Runs a ``RegistrationEngine`` from set-up to the final DRR in a daemon thread."""
@@ -223,8 +228,11 @@ class WorkerThread:
             during = "final DRR"
             e.conclude(finalDRR=not getattr(self, "abandoned", False))
         except BaseException as err:  # handed to the main thread, which reports it
-            self.messages.put(Failed(err, during, traceback.format_exc()))
+            if not getattr(self, "abandoned", False):
+                self.messages.put(Failed(err, during, traceback.format_exc()))
         finally:
+            if getattr(self, "abandoned", False):
+                e.release()  # freeing a large CT takes a while: here, not on the main thread
             self.messages.put(None)  # end of stream
 
     def cancel(self) -> None:

@@ -13,7 +13,8 @@ loop that calls the Logic the way ``CorrReg.py`` does, and every call on the mai
 
 Two APIs are understood: the worker API (``start(..., background=True)`` then ``run.poll()`` from
 a 50 ms timer; this version of the module) and the synchronous one the module had before issue 12
-(``start`` then ``step(iterationsPerTick)`` from a 1 ms timer, then ``finish``), so that the same
+(``start`` then ``step(iterationsPerTick)`` from a 1 ms timer, then ``finish``; it knew no method
+"auto", so it runs "cmaes", which "auto" resolved to then), so that the same
 script measures both: ``--module-dir`` points at the CorrReg module folder to load, e.g. one
 extracted from an older commit with ``git archive <commit> CorrReg | tar -x -C /tmp/old``.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -80,10 +82,16 @@ def build_case(slicer, adapter, ct_size: int, detector: int, seed: int = 0):
 
 
 def short_schedule(options_cls, finest_iterations: int = 4):
+    """Every stage of the pipeline, each a few iterations long (the finest level ``finest_iterations``)."""
     o = options_cls()
     levels = tuple(replace(lv, max_iterations=4) for lv in o.levels[:-1]) + (
         replace(o.levels[-1], max_iterations=finest_iterations),)
-    return replace(o, cmaes_generations=6, levels=levels, patience=1000)
+    short = dict(cmaes_generations=6, levels=levels, patience=1000)
+    have = set(o.__dataclass_fields__)
+    if "candidate_levels" in have:  # the staged pipeline (grid search, candidates, verification)
+        short.update(candidate_levels=tuple(replace(lv, max_iterations=4) for lv in o.candidate_levels),
+                     grid_rotations_deg=(-25.0, 0.0, 25.0), grid_depths=(1.0,), grid_candidates=2, max_attempts=1)
+    return replace(o, **{k: v for k, v in short.items() if k in have})
 
 
 class MainThread:
@@ -116,15 +124,16 @@ class MainThread:
                 "longest_stall_s": max(self.stalls, default=0.0)}
 
 
-def _common_args(case, options):
-    return dict(method="cmaes", options=options, sliceCompositeNode=None, sliceNode=None, showInSliceView=False,
+def _common_args(case, options, method="cmaes"):
+    return dict(method=method, options=options, sliceCompositeNode=None, sliceNode=None, showInSliceView=False,
                 initialPoseMode="carm", primaryAngle=0.0, secondaryAngle=0.0,
                 rotationOffsetDeg=(3.0, -2.0, 3.0), translationOffsetMm=(6.0, -5.0, 15.0), sod=700.0)
 
 
-def _in_finest_level(info, seen: dict, n_levels: int) -> bool:
-    """True from the 3rd iteration of the finest intensity level on."""
-    if info is None or f"level {n_levels}/{n_levels}" not in str(info.stage):
+def _in_finest_level(info, seen: dict, n_levels: int = 0) -> bool:
+    """True from the 3rd iteration of the finest intensity (refinement) level on."""
+    m = None if info is None else re.search(r"intensity level (\d+)/(\d+)", str(info.stage))
+    if m is None or m.group(1) != m.group(2):
         return False
     seen.setdefault("first", info.iteration)
     return info.iteration >= seen["first"] + 2
@@ -160,12 +169,17 @@ def run_worker(logic, case, options, cancel: bool) -> dict:
     out = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "pose")
     t_start = time.perf_counter()
     run = main.call("start", logic.start, case["ct"], case["xray"], out, background=True,
-                    **_common_args(case, options))
+                    **_common_args(case, options, method="auto"))
     seen, t_click, t_stop, info = {}, None, None, None
     n_levels = len(options.levels)
     while not run.finished:
         main.idle()
+        before = (bool(run.nodes), run.stopped, run.finished)
         new = main.call("tick", run.poll)
+        after = (bool(run.nodes), run.stopped, run.finished)
+        if before != after:  # name the slice by what it applied: scene set-up, result, final DRR
+            what = [w for w, b, a in zip(("set-up", "result", "final DRR"), before, after) if a and not b]
+            main.slices[-1] = ("tick (" + ", ".join(what) + ")", main.slices[-1][1])
         info = new or info
         if run.error is not None:
             raise run.error
@@ -224,7 +238,7 @@ def compare_cli(args) -> dict:
     case = build_case(slicer, adapter, args.ct_size, args.detector)
     logic = logic_mod.CorrRegLogicCore(case["scene"])
     out = case["scene"].AddNewNodeByClass("vtkMRMLLinearTransformNode", "pose")
-    kwargs = _common_args(case, None)
+    kwargs = _common_args(case, None, method="auto")
     kwargs.pop("options")
     t0 = time.perf_counter()
     run = logic.start(case["ct"], case["xray"], out, background=True, **kwargs)
@@ -243,7 +257,7 @@ def compare_cli(args) -> dict:
         write_xray(torch.from_numpy(image), tmp / "xray.nrrd", camera=case["camera"])
         write_pose_json(run.options.initialPose, tmp / "init.json")
         cmd = [sys.executable, "-m", "CorrRegLib.cli", "register", "--ct", str(tmp / "ct.nrrd"), "--xray",
-               str(tmp / "xray.nrrd"), "--init", str(tmp / "init.json"), "--method", "cmaes", "--output",
+               str(tmp / "xray.nrrd"), "--init", str(tmp / "init.json"), "--method", "auto", "--output",
                str(tmp / "pose.json"), "--json", "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
