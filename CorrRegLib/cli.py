@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,19 +32,29 @@ def _camera_from_args(args):
     from .io import read_camera_json
 
     cam = read_camera_json(args.camera) if getattr(args, "camera", None) else None
-    if cam is None and not (args.sdd and args.pixel_spacing and getattr(args, "size", None)):
-        raise ValueError("camera geometry is missing: give --camera CAM.json or --sdd, --pixel-spacing and --size")
-    if cam is None:
-        return Camera(args.sdd, tuple(args.pixel_spacing), tuple(args.size), tuple(args.principal_point) if args.principal_point else None)
-    return cam
+    sdd = args.sdd if args.sdd is not None else (cam.sdd if cam else None)
+    spacing = tuple(args.pixel_spacing) if args.pixel_spacing is not None else (cam.pixel_spacing if cam else None)
+    size = tuple(args.size) if getattr(args, "size", None) is not None else (cam.size if cam else None)
+    missing = [flag for flag, v in (("--sdd", sdd), ("--pixel-spacing", spacing), ("--size", size)) if v is None]
+    if missing:
+        raise ValueError(f"camera geometry is missing ({', '.join(missing)}): give --camera CAM.json or --sdd, "
+                         "--pixel-spacing and --size")
+    if args.principal_point is not None:
+        pp = tuple(args.principal_point)
+    else:  # the camera's principal point, unless the flags changed the detector it was measured on
+        pp = cam.principal_point if cam is not None and size == cam.size else None
+    try:
+        return Camera(sdd, spacing, size, pp)
+    except ValueError as err:
+        raise ValueError(f"invalid camera geometry: {err}") from None
 
 
 def _add_camera_flags(p: argparse.ArgumentParser, with_size: bool = False) -> None:
     g = p.add_argument_group("camera geometry (flags override --camera and DICOM tags)")
     g.add_argument("--camera", metavar="CAM.json", help="camera JSON: sdd_mm, pixel_spacing_mm [dx, dy], size_px [W, H], principal_point_px")
-    g.add_argument("--sdd", type=float, metavar="MM", help="source-to-detector distance (mm)")
-    g.add_argument("--pixel-spacing", type=float, nargs=2, metavar=("DX", "DY"), help="detector pixel spacing (mm), columns then rows")
-    g.add_argument("--principal-point", type=float, nargs=2, metavar=("CX", "CY"), help="principal point (pixels); default: image centre")
+    g.add_argument("--sdd", type=finite_float, metavar="MM", help="source-to-detector distance (mm)")
+    g.add_argument("--pixel-spacing", type=finite_float, nargs=2, metavar=("DX", "DY"), help="detector pixel spacing (mm), columns then rows")
+    g.add_argument("--principal-point", type=finite_float, nargs=2, metavar=("CX", "CY"), help="principal point (pixels); default: image centre")
     if with_size:
         g.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), help="detector size (pixels)")
 
@@ -52,18 +63,46 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default: auto picks CUDA, then MPS, then CPU)")
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice, the number of physical cores or OMP_NUM_THREADS); "
+                        "on a CPU shared with other jobs, 1 is often much faster (Testing/Benchmarks/bench_threads.py)")
+
+
+def add_common_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --threads, which every long-running verb takes (cli.main applies --threads)."""
+    _add_device(p)
+    _add_threads(p)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (refuses nan and inf, which float() accepts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------
 # subcommands
 
 
+PHANTOM_FILES = ("ct.nrrd", "labels.nrrd", "landmarks.csv")
+
+
 def cmd_phantom(args) -> dict:
     from .io import write_ct, write_targets_csv
+    from .outputs import Output, OutputSet, check_outputs
     from .phantom import make_spine_phantom
 
+    out = Path(args.out).expanduser()
+    check_outputs([Output("--out", out, "folder")] + [Output(f"--out ({n})", out / n) for n in PHANTOM_FILES])
+    if not 0.25 <= args.spacing <= 20.0:
+        raise ValueError(f"--spacing must lie between 0.25 and 20 mm (the phantom is 160 x 160 x 200 mm), got {args.spacing:g}")
     ph = make_spine_phantom(spacing_mm=args.spacing, seed=args.seed, ribs=args.ribs, pelvis=args.pelvis)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ct = write_ct(ph.volume, out / "ct.nrrd", pixel_type="int16")
     import numpy as np
     import SimpleITK as sitk
 
@@ -71,27 +110,31 @@ def cmd_phantom(args) -> dict:
     labels.SetSpacing(ph.volume.spacing)
     labels.SetOrigin(ph.volume.origin)
     labels.SetDirection([v for row in ph.volume.direction for v in row])
-    sitk.WriteImage(labels, str(out / "labels.nrrd"), True)
-    write_targets_csv(ph.landmarks, out / "landmarks.csv", names=ph.landmark_names)
-    return {"ct": str(ct), "labels": str(out / "labels.nrrd"), "landmarks": str(out / "landmarks.csv"),
+    with OutputSet() as outputs:  # the three files appear together
+        write_ct(ph.volume, outputs.path(out / "ct.nrrd"), pixel_type="int16")
+        sitk.WriteImage(labels, str(outputs.path(out / "labels.nrrd")), True)
+        write_targets_csv(ph.landmarks, outputs.path(out / "landmarks.csv"), names=ph.landmark_names)
+    return {"ct": str(out / "ct.nrrd"), "labels": str(out / "labels.nrrd"), "landmarks": str(out / "landmarks.csv"),
             "shape_kji": list(ph.hu.shape), "spacing_mm": list(ph.volume.spacing)}
 
 
 def cmd_simulate(args) -> dict:
     from .device import pick_device
-    from .io import read_ct, read_pose_json, write_xray
+    from .io import camera_json_path, read_ct, read_pose_json, write_xray
+    from .outputs import Output, check_outputs
     from .simulate import simulate_xray
 
+    check_outputs([Output("--out", args.out, "xray")], {"--ct": args.ct, "--pose": args.pose, "--camera": args.camera})
     device = pick_device(args.device)
-    volume = read_ct(args.ct).to(device)
     camera = _camera_from_args(args)
     pose = read_pose_json(args.pose)
+    from .cli_realdata import read_ct_from_args
+
+    volume = read_ct_from_args(args).to(device)
     sim = simulate_xray(volume, camera, pose.to(device), dose=args.dose, blur_mm=args.blur_mm, gamma=args.gamma,
                         heel=args.heel, scatter=args.scatter, seed=args.seed, raw=args.raw)
     image = sim.line_integral if args.raw else sim.image
-    path = write_xray(image.cpu(), args.out, camera=camera)
-    from .io import camera_json_path
-
+    path = write_xray(image.cpu(), args.out, camera=camera)  # the image and its camera JSON, atomically
     return {"xray": str(path), "camera": str(camera_json_path(path)), "raw": bool(args.raw),
             "size_px": list(camera.size), "dose": args.dose, "seed": args.seed}
 
@@ -107,53 +150,84 @@ def _initial_pose(args, volume, xray):
 
     if args.init:
         return read_pose_json(args.init), f"--init {args.init}"
-    iso = volume.bone_center_lps()
+    try:
+        iso = volume.bone_center_lps()
+    except ValueError:  # no bone: the centre of the CT
+        iso = volume.center_lps()
     md = xray.metadata
-    sod = args.sod or md.get("sod_mm") or DEFAULT_SOD_MM
+    sod = float(next(v for v in (args.sod, md.get("sod_mm"), DEFAULT_SOD_MM) if v is not None))
+    if not 0 < sod < xray.camera.sdd:
+        source = "--sod" if args.sod is not None else "the X-ray's DICOM DistanceSourceToPatient (0018,1111)"
+        raise ValueError(f"{source} must lie between 0 and the sdd ({xray.camera.sdd:g} mm), got {sod:g} mm: it is the "
+                         "distance from the X-ray source to the CT's isocenter")
     if "primary_angle_deg" in md or "secondary_angle_deg" in md:
         return xray_initial_pose(xray, iso, sod=float(sod)), f"DICOM positioner angles (sod {float(sod):g} mm)"
     return reference_ap_pose(iso, float(sod)), f"reference AP view (sod {float(sod):g} mm)"
 
 
+def _register_io(args):
+    """The outputs and inputs of ``corrreg register`` for outputs.check_outputs."""
+    from .outputs import Output
+
+    outputs = [Output("--output", args.output, "pose"), Output("--transform", args.transform, "transform"),
+               Output("--drr", args.drr, "xray"), Output("--overlay", args.overlay, "picture")]
+    inputs = {"--ct": args.ct, "--xray": args.xray, "--camera": args.camera, "--init": args.init,
+              "--model": args.model, "--targets": args.targets, "--truth": args.truth}
+    return outputs, inputs
+
+
 def cmd_register(args) -> dict:
-    from .io import read_ct, read_targets, read_xray, write_pose_itk, write_pose_json, write_xray
+    from .io import read_ct, read_pose_json, read_targets, read_xray, write_pose_itk, write_pose_json, write_xray
     from .metrics import mtre
+    from .outputs import OutputSet, check_outputs
     from .register import RegistrationSession
     from .projector import Projector
 
-    volume = read_ct(args.ct)
-    xr = read_xray(args.xray, camera_json=args.camera, sdd=args.sdd, pixel_spacing=args.pixel_spacing,
-                   principal_point=args.principal_point)
+    check_outputs(*_register_io(args))
+    if bool(args.targets) != bool(args.truth):
+        raise ValueError("--targets and --truth go together (the mTRE needs both the points and the true pose)")
+    if args.init and args.sod is not None:
+        raise ValueError("--sod sets the distance of the default initial pose; with --init it would be ignored: drop one")
+    from .cli_realdata import read_ct_from_args, read_view
+
+    # one X-ray: camera (--calibration, --intrinsics or the camera flags), mask, polarity
+    view = read_view(args, args.xray)
+    xr, view_mask = view.xray, view.mask_tensor
+    volume = read_ct_from_args(args)
     camera = xr.camera
     init, init_source = _initial_pose(args, volume, xr)
-    session = RegistrationSession(volume, xr.image, camera, init, method=args.method, device=args.device,
+    truth = pts = None
+    if args.targets:
+        pts, _ = read_targets(args.targets)
+        truth = read_pose_json(args.truth)
+    session = RegistrationSession(volume, xr.image, camera, init, mask=view_mask, method=args.method, device=args.device,
                                   model_dir=args.model, options=_options(args))
     result = _run_with_progress(session, args.method, quiet=args.quiet)
     extra = {"method": args.method, "loss": result.loss, "flagged": result.flagged, "message": result.message,
              "iterations": result.iterations, "runtime_s": result.runtime_s, "initial_pose_source": init_source}
-    write_pose_json(result.pose, args.output, extra=extra)
+    extra.update(view.report(result.pose))  # polarity, mask, calibration; world_from_ct if calibrated
     out = {"camera_from_ct": result.pose.tolist(), "output": str(args.output), **extra}
-    if args.transform:
-        write_pose_itk(result.pose, args.transform)
-        out["transform"] = str(args.transform)
+    drr_before = drr_after = None
     if args.drr or args.overlay:
         proj = Projector(volume, camera)
         with torch.no_grad():
             drr_after = proj(result.pose.float())[0]
             drr_before = proj(init.float())[0]
+    with OutputSet() as outputs:  # all outputs appear together, or none does
+        write_pose_json(result.pose, outputs.path(args.output, "--output"), extra=extra)
+        if args.transform:
+            write_pose_itk(result.pose, outputs.path(args.transform, "--transform"))
+            out["transform"] = str(args.transform)
         if args.drr:
-            write_xray(drr_after, args.drr, camera=camera)
+            write_xray(drr_after, outputs.path(args.drr, "--drr"), camera=camera)
             out["drr"] = str(args.drr)
         if args.overlay:
             from .visualize import save_overlay
 
-            save_overlay(args.overlay, xr.image, drr_before, drr_after, title=f"corrreg register ({args.method})")
+            save_overlay(outputs.path(args.overlay, "--overlay"), xr.image, drr_before, drr_after,
+                         title=f"corrreg register ({args.method})")
             out["overlay"] = str(args.overlay)
-    if args.targets and args.truth:
-        from .io import read_pose_json
-
-        pts, _ = read_targets(args.targets)
-        truth = read_pose_json(args.truth)
+    if truth is not None:
         out["initial_mtre_mm"] = float(mtre(init, truth, pts))
         out["final_mtre_mm"] = float(mtre(result.pose, truth, pts))
         out["success_2mm"] = out["final_mtre_mm"] < 2.0
@@ -192,6 +266,9 @@ def default_demo_method() -> str:
     return "hybrid" if bundled_model_dir() is not None else "intensity"
 
 
+DEMO_FILES = ("registered_pose.json", "true_pose.json", "overlay.png", "convergence.png")
+
+
 def cmd_demo(args) -> dict:
     from .metrics import mtre
     from .phantom import small_phantom
@@ -200,7 +277,14 @@ def cmd_demo(args) -> dict:
     from .register import RegistrationSession
     from .simulate import simulate_xray
 
+    from .outputs import Output, OutputSet, check_outputs
+
     t0 = time.perf_counter()
+    out_dir = Path(args.out).expanduser()
+    check_outputs([Output("--out", out_dir, "folder")] + [Output(f"--out ({n})", out_dir / n) for n in DEMO_FILES],
+                  {"--model": args.model})
+    if args.seed < 0:
+        raise ValueError(f"--seed must be 0 or more (it numbers the seeded case), got {args.seed}")
     method = args.method or default_demo_method()
     _eprint(f"corrreg demo: building the spine phantom, simulating an X-ray, registering with '{method}'")
     ph = small_phantom(seed=0)
@@ -216,25 +300,24 @@ def cmd_demo(args) -> dict:
     initial = float(mtre(case.initial_pose, case.true_pose, ph.landmarks))
     final = float(mtre(result.pose, case.true_pose, ph.landmarks))
     runtime = time.perf_counter() - t0
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     from .io import write_pose_json
 
-    write_pose_json(result.pose, out_dir / "registered_pose.json", extra={"method": method})
-    write_pose_json(case.true_pose, out_dir / "true_pose.json")
-    files = {"pose": str(out_dir / "registered_pose.json"), "true_pose": str(out_dir / "true_pose.json")}
-    try:
-        from .visualize import save_convergence, save_overlay
+    with OutputSet() as outputs:  # the demo's files appear together
+        write_pose_json(result.pose, outputs.path(out_dir / "registered_pose.json"), extra={"method": method})
+        write_pose_json(case.true_pose, outputs.path(out_dir / "true_pose.json"))
+        files = {"pose": str(out_dir / "registered_pose.json"), "true_pose": str(out_dir / "true_pose.json")}
+        try:
+            from .visualize import save_convergence, save_overlay
 
-        proj = Projector(ph.volume, camera)
-        with torch.no_grad():
-            before, after = proj(case.initial_pose.float())[0], proj(result.pose.float())[0]
-        save_overlay(out_dir / "overlay.png", sim.image, before, after,
-                     title=f"mTRE {initial:.1f} mm -> {final:.2f} mm ({method})")
-        save_convergence(out_dir / "convergence.png", result.history, title=f"corrreg demo ({method})")
-        files.update(overlay=str(out_dir / "overlay.png"), convergence=str(out_dir / "convergence.png"))
-    except ImportError as err:
-        _eprint(f"(no pictures: {err})")
+            proj = Projector(ph.volume, camera)
+            with torch.no_grad():
+                before, after = proj(case.initial_pose.float())[0], proj(result.pose.float())[0]
+            save_overlay(outputs.path(out_dir / "overlay.png"), sim.image, before, after,
+                         title=f"mTRE {initial:.1f} mm -> {final:.2f} mm ({method})")
+            save_convergence(outputs.path(out_dir / "convergence.png"), result.history, title=f"corrreg demo ({method})")
+            files.update(overlay=str(out_dir / "overlay.png"), convergence=str(out_dir / "convergence.png"))
+        except ImportError as err:
+            _eprint(f"(no pictures: {err})")
     return {
         "method": method,
         "protocol": args.protocol,
@@ -277,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="MODEL_DIR", help="trained network (for network/hybrid)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device(p)
+    add_common_flags(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("phantom", help="write the procedural spine phantom (CT in HU, labels, landmarks)", epilog=EPILOG)
     p.add_argument("--out", required=True, help="output folder (ct.nrrd, labels.nrrd, landmarks.csv)")
-    p.add_argument("--spacing", type=float, default=2.0, help="voxel size (mm)")
+    p.add_argument("--spacing", type=finite_float, default=2.0, help="voxel size (mm)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ribs", action="store_true")
     p.add_argument("--pelvis", action="store_true")
@@ -293,23 +376,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct", required=True, help="CT image (NIfTI/NRRD/MHA or DICOM folder), in HU")
     p.add_argument("--pose", required=True, metavar="POSE.json", help="camera_from_ct pose JSON")
     p.add_argument("--out", required=True, metavar="XRAY.nrrd", help="output image; its camera JSON is written beside it")
-    p.add_argument("--dose", type=float, default=1e4, help="unattenuated photons per pixel (noise falls as 1/sqrt(dose))")
-    p.add_argument("--blur-mm", type=float, default=0.5, help="detector blur, Gaussian sigma at the detector (mm)")
-    p.add_argument("--gamma", type=float, default=1.0, help="contrast gamma applied after the log transform")
-    p.add_argument("--heel", type=float, default=0.0, help="heel effect: relative intensity change across the detector")
-    p.add_argument("--scatter", type=float, default=0.0, help="scatter-to-primary ratio")
+    p.add_argument("--dose", type=finite_float, default=1e4, help="unattenuated photons per pixel (noise falls as 1/sqrt(dose))")
+    p.add_argument("--blur-mm", type=finite_float, default=0.5, help="detector blur, Gaussian sigma at the detector (mm)")
+    p.add_argument("--gamma", type=finite_float, default=1.0, help="contrast gamma applied after the log transform")
+    p.add_argument("--heel", type=finite_float, default=0.0, help="heel effect: relative intensity change across the detector")
+    p.add_argument("--scatter", type=finite_float, default=0.0, help="scatter-to-primary ratio")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--raw", action="store_true", help="write the noiseless line integral of attenuation (mm x 1/mm) instead")
     p.add_argument("--json", action="store_true")
     _add_camera_flags(p, with_size=True)
-    _add_device(p)
+    add_common_flags(p)
+    from .cli_realdata import add_ct_geometry_flags
+
+    add_ct_geometry_flags(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("register", help="register an X-ray to a CT", epilog=EPILOG)
     p.add_argument("--ct", required=True, help="CT image (NIfTI/NRRD/MHA or DICOM folder), in HU")
     p.add_argument("--xray", required=True, help="X-ray image (2D NRRD/MHA/NIfTI/PNG/TIFF or DICOM); dense structures bright")
     p.add_argument("--init", metavar="POSE.json", help="initial camera_from_ct pose; default: DICOM positioner angles, else the AP view")
-    p.add_argument("--sod", type=float, help="source-to-isocenter distance for a default initial pose (mm); "
+    p.add_argument("--sod", type=finite_float, help="source-to-isocenter distance for a default initial pose (mm); "
                    "default: the X-ray's DICOM DistanceSourceToPatient, else 700")
     p.add_argument("--method", default="intensity", choices=["intensity", "cmaes", "network", "hybrid"], help="registration pipeline")
     p.add_argument("--model", metavar="MODEL_DIR", help="trained network for network/hybrid")
@@ -320,16 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", help="targets (markups JSON, CSV, label map) to report mTRE against --truth")
     p.add_argument("--truth", metavar="POSE.json", help="true pose, to report mTRE (evaluation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
-    p.add_argument("--verify-ncc", type=float, metavar="NCC",
+    p.add_argument("--verify-ncc", type=finite_float, metavar="NCC",
                    help="hybrid: below this NCC of X-ray and DRR (64 px) the result counts as a miss and a global "
                         "CMA-ES search runs as a second attempt (default 0.99; 0 turns the check off)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_camera_flags(p)
-    _add_device(p)
+    add_common_flags(p)
+    from .cli_realdata import add_register_flags
+
+    add_register_flags(p)  # --calibration, --intrinsics, --polarity, --invert, --mask, --ct-* geometry
     p.set_defaults(func=cmd_register)
 
-    for extra in ("train", "benchmark"):
+    for extra in ("train", "benchmark", "realdata"):  # cli_realdata: convert-ct
         try:
             mod = __import__(f"CorrRegLib.cli_{extra}", fromlist=["add_parser"])
         except ImportError:
@@ -338,19 +427,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_message(err: BaseException) -> tuple[str, int]:
+    """(message, exit code) for a failure: 2 for bad input or an environment problem (the message
+    says what to fix), 1 for anything unexpected (a bug: the message says how to report it)."""
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return str(err), 2
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return ("out of memory: the CT, the detector or the batch is too large for this machine; use a smaller "
+                f"CT (crop or downsample it), fewer pixels or a smaller --batch-size ({err})"), 2
+    if isinstance(err, OSError):
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot access{where}: {err.strerror or err}", 2
+    return (f"unexpected {type(err).__name__}: {err}. This is a bug in CorrReg: please report it with the command "
+            f"line (set {TRACEBACK_ENV}=1 to see the traceback)"), 1
+
+
+TRACEBACK_ENV = "CORRREG_TRACEBACK"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _eprint(f"corrreg: warning: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
+        if getattr(args, "threads", None) is not None:
+            from .device import set_threads
+
+            set_threads(args.threads)
         out = args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(err)}))
-        _eprint(f"corrreg {args.command}: error: {err}")
-        return 2
     except KeyboardInterrupt:
         _eprint(f"corrreg {args.command}: interrupted")
         return 130
+    except Exception as err:  # every failure becomes a message and an exit code, never a traceback
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        message, code = _error_message(err)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message}))
+        _eprint(f"corrreg {args.command}: error: {message}")
+        return code
+    finally:
+        warnings.showwarning = shown
     if getattr(args, "json", False):
         print(json.dumps(out))
     else:

@@ -30,3 +30,18 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
     return torch.device(name)
+
+
+def set_threads(n: int | None) -> int:
+    """Use ``n`` torch CPU threads (``torch.set_num_threads``); None keeps torch's default
+    (the number of physical cores, or ``OMP_NUM_THREADS``). Returns the count in use.
+
+    On a CPU shared with other jobs, one thread is often much faster than an oversubscribed
+    default (OpenMP threads wait on each other): ``Testing/Benchmarks/bench_threads.py`` measures it.
+    """
+    if n is None:
+        return torch.get_num_threads()
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"the number of threads must be a whole number of at least 1, got {n}")
+    torch.set_num_threads(int(n))
+    return torch.get_num_threads()

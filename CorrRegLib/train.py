@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from .device import pick_device
 from .geometry import Camera, euler_to_rotation, make_pose, reference_ap_pose
 from .losses import (
     UncertaintyWeighting,
@@ -36,6 +37,7 @@ from .losses import (
     unit_parts,
 )
 from .model import NORMALISATION, CorrelationNet, NetConfig, network_projector
+from .outputs import Output, OutputSet, check_outputs
 from .projector import Projector
 from .simulate import degrade, random_degradation
 from .volume import Volume
@@ -47,9 +49,11 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+MODEL_FILES = (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE)
 
 __all__ = [
     "PoseRanges", "TrainResult", "train", "load_model", "save_model", "validate", "pose_gradient",
+    "check_model_dir", "check_options",
     "sample_cases", "sample_truths", "sample_offsets", "simulate_training_xray", "degrade_training_xrays",
 ]
 
@@ -234,23 +238,22 @@ def _share_like_a_normal_file(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def save_model(net: CorrelationNet, out_dir: str | Path, camera: Camera | None = None, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``out_dir``; returns the directory."""
+    """Write ``model.safetensors`` and ``config.json`` into ``out_dir``, together and atomically
+    (an interrupted save leaves the previous pair); returns the directory."""
+    out = Path(out_dir).expanduser()
+    with OutputSet() as outputs:
+        _stage_model(outputs, net, out, camera, extra)
+    return out
+
+
+def _stage_model(outputs: OutputSet, net: CorrelationNet, out: Path, camera: Camera | None, extra: dict | None) -> None:
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    tmp = out / (MODEL_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, out / MODEL_FILE)
-    _share_like_a_normal_file(out / MODEL_FILE)
+    weights = outputs.path(out / MODEL_FILE, "model weights")
+    save_file(state, str(weights), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    _share_like_a_normal_file(weights)
     cfg = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -264,8 +267,7 @@ def save_model(net: CorrelationNet, out_dir: str | Path, camera: Camera | None =
     }
     if extra:
         cfg.update(extra)
-    _write_json(out / CONFIG_FILE, cfg)
-    return out
+    outputs.path(out / CONFIG_FILE, "model config").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -311,9 +313,13 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     preset or config key, a weights file that is not safetensors, missing or unexpected tensors,
     tensors whose shapes do not match the config, non-finite weights.
     """
-    d = Path(model_dir)
+    d = Path(model_dir).expanduser()
+    if d.is_file():
+        hint = f"; pass its folder {d.parent}" if d.name in (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE) else ""
+        raise ValueError(f"{d} is a file, not a model directory: a model is a folder holding {MODEL_FILE} and {CONFIG_FILE}{hint}")
     if not d.is_dir():
-        raise ValueError(f"model directory {d} does not exist")
+        raise ValueError(f"model directory {d} does not exist; train one with `corrreg train --out {d}` or give another folder")
+    device = pick_device(device)
     cfg = _read_config(d)
     net_cfg = NetConfig.from_dict(cfg["model"])
     net = CorrelationNet(net_cfg)
@@ -353,9 +359,7 @@ def _save_optimizer(path: Path, opt: torch.optim.Optimizer, weighting: Uncertain
             t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
             tensors[f"state.{idx}.{name}"] = t.detach().cpu().contiguous()
     meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"])}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    save_file(tensors, str(path), metadata=meta)
     _share_like_a_normal_file(path)
 
 
@@ -424,6 +428,50 @@ def _param_groups(net: CorrelationNet, weighting: UncertaintyWeighting, weight_d
     ]
 
 
+def check_model_dir(out_dir: str | Path, resume: bool = False, overwrite: bool = False, label: str = "--out",
+                    inputs: dict | None = None) -> None:
+    """Refuse, before any work, a model folder that training must not or cannot write: one
+    that holds a trained model while neither ``resume`` nor ``overwrite`` is set, one with
+    nothing to resume, a file, a folder that cannot be written, or one that is (or lies inside)
+    one of ``inputs`` (label -> path(s), see :func:`outputs.check_outputs`)."""
+    if resume and overwrite:
+        raise ValueError("give --resume (resume=True) or --overwrite (overwrite=True), not both")
+    out = Path(out_dir).expanduser()
+    check_outputs([Output(label, out, "folder")] + [Output(f"{label} ({name})", out / name, "file") for name in MODEL_FILES],
+                  inputs)
+    present = [name for name in MODEL_FILES if (out / name).exists()]
+    if resume and MODEL_FILE not in present:
+        raise ValueError(f"cannot resume: {out} holds no trained model ({MODEL_FILE}); drop --resume (resume=True) "
+                         "to start training there")
+    if present and not resume and not overwrite:
+        raise ValueError(
+            f"{out} already holds a trained model ({', '.join(present)}); pass --resume (resume=True) to continue "
+            "training it, --overwrite (overwrite=True) to replace it, or choose another folder"
+        )
+
+
+def check_options(steps: int = 600, batch_size: int = 4, lr: float = 1e-3, validate_every: int = 0,
+                  n_validation: int = 32, checkpoint_every: int = 200, xray_pool: int = 128,
+                  weight_decay: float = 1e-4, grad_clip: float = 1.0, warmup: int | None = None) -> None:
+    """Refuse training options that cannot work (a ValueError naming the option), before any work."""
+    def whole(name, value, least):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
+
+    whole("steps", steps, 1)
+    whole("batch_size (--batch-size, pose pairs per step)", batch_size, 1)
+    whole("validate_every (--validate-every)", validate_every, 0)
+    whole("n_validation", n_validation, 1)
+    whole("checkpoint_every", checkpoint_every, 0)
+    whole("xray_pool", xray_pool, 1)
+    if warmup is not None:
+        whole("warmup", warmup, 1)
+    for name, value, positive in (("lr (--lr, the learning rate)", lr, True), ("weight_decay", weight_decay, False),
+                                  ("grad_clip", grad_clip, True)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+
+
 def _command_line() -> str:
     """This process's command line, as the user typed it for the ``corrreg`` script."""
     if Path(sys.argv[0]).name == "corrreg":
@@ -456,7 +504,7 @@ def train(
     use_decomp: bool = True,
     xray_pool: int = 128,
     stop_after: int | None = None,
-    on_step=None,
+    overwrite: bool = False,
     **config_overrides,
 ) -> TrainResult:
     """Train (or resume training) a network on ``cts`` seen through ``camera``.
@@ -470,15 +518,19 @@ def train(
     Each CT is average-pooled as registration pools it for the network's input size
     (:meth:`Volume.pool_factor` with ``voxel_slack``; None keeps full resolution), so a
     512 x 512 CT trains as fast as its detector footprint allows and on the DRRs it will meet.
-    ``on_step(record)``, if given, is called after every step with that step's losses and
-    ``{"done": steps done, "steps": steps}`` (``corrreg train --progress-json`` prints them).
+    A folder that already holds a model is refused unless ``resume`` or ``overwrite`` is set
+    (:func:`check_model_dir`); checkpoints replace the folder's files together and atomically.
     """
     t_start = time.perf_counter()
     if not cts:
         raise ValueError("train needs at least one CT volume")
-    device = torch.device(device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_options(steps, batch_size, lr, validate_every, n_validation, checkpoint_every, xray_pool,
+                  weight_decay, grad_clip, warmup)
+    out = Path(out_dir).expanduser()
+    check_model_dir(out, resume, overwrite, label="out_dir")
+    device = pick_device(device)
+    for i, v in enumerate(cts):
+        v.check_content(f"training CT {i + 1}" if len(cts) > 1 else "the training CT")
     torch.manual_seed(seed)
     net_cfg = NetConfig.from_preset(preset, **config_overrides) if isinstance(preset, str) else preset
     if resume:
@@ -503,6 +555,11 @@ def train(
     labels = list(labels) if labels is not None else [None] * len(cts)
     if len(labels) != len(cts):
         raise ValueError(f"got {len(labels)} label maps for {len(cts)} CTs")
+    for i, (v, lab) in enumerate(zip(cts, labels)):
+        if lab is not None and tuple(torch.as_tensor(lab).shape) != tuple(v.data.shape):
+            k, j, i_ = v.data.shape
+            raise ValueError(f"label map {i + 1} has shape {tuple(torch.as_tensor(lab).shape)} (k, j, i) but its CT "
+                             f"is {i_} x {j} x {k} voxels; a label map must share its CT's grid")
     isos = [_isocenter(v, lab) for v, lab in zip(cts, labels)]  # float64, CPU, on the full grid
     footprint = max(train_cam.pixel_spacing) * ranges.sod / train_cam.sdd  # a network pixel at the isocenter
     pooling = [1 if voxel_slack is None else v.pool_factor(footprint, voxel_slack) for v in cts]
@@ -560,8 +617,9 @@ def train(
 
     def checkpoint(step: int, seconds: float) -> None:
         rec = dict(record, steps_done=step, seconds=prev.get("seconds", 0.0) + seconds)
-        save_model(net, out, train_cam, {"training": rec, "validation": validation})
-        _save_optimizer(out / OPTIMIZER_FILE, opt, weighting, step)
+        with OutputSet() as outputs:  # weights, config and optimizer state move into place together
+            _stage_model(outputs, net, out, train_cam, {"training": rec, "validation": validation})
+            _save_optimizer(outputs.path(out / OPTIMIZER_FILE, "optimizer state"), opt, weighting, step)
 
     bar = None
     if progress:
@@ -597,8 +655,6 @@ def train(
             bar.set_postfix(appro=f"{h['appro']:.3f}", decomp=f"{h['decomp']:.3f}", cos_r=f"{h['cos_r']:+.2f}",
                             cos_t=f"{h['cos_t']:+.2f}")
         done = step + 1
-        if on_step is not None:
-            on_step(dict(h, done=done, steps=end))
         if validate_every and done % validate_every == 0 and done < end:
             validation.append(run_validation(done))
             if bar is not None:
