@@ -27,6 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ct", action="append", metavar="CT",
                    help="CT image (NIfTI/NRRD/MHA or DICOM folder, in HU), or 'phantom' (default) for the built-in "
                         "spine phantom and its landmarks. Repeat for several CTs: one cell each, in --out/NAME")
+    p.add_argument("--name", action="append", metavar="NAME", help="the CT's name in tables and its cell folder "
+                   "(one per --ct; default: the CT file's name)")
     p.add_argument("--manifest", metavar="FILE.json", help="several CTs from a JSON list of {name, ct, targets, "
                    "target_labels, model, xray_ct} objects (docs/benchmark.md); instead of --ct")
     p.add_argument("--phantom-spacing", type=float, default=2.5, metavar="MM",
@@ -96,12 +98,13 @@ def cmd_benchmark(args) -> dict:
     if args.manifest and args.ct:
         raise ValueError("give either --manifest or --ct, not both")
     if args.manifest:
-        for opt in ("targets", "target_labels", "model", "xray_ct"):
+        for opt in ("name", "targets", "target_labels", "model", "xray_ct"):
             if getattr(args, opt):
                 raise ValueError(f"--{opt.replace('_', '-')} comes from the manifest's entries with --manifest")
         cells = read_manifest(args.manifest)
     else:
-        cells = cells_from_args(args.ct or ["phantom"], args.targets, args.target_labels, args.model, args.xray_ct)
+        cells = cells_from_args(args.ct or ["phantom"], args.targets, args.target_labels, args.model, args.xray_ct,
+                                args.name)
     command = "corrreg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
     if len(cells) > 1 or args.manifest:
         summary = run_cells(config, cells, args.out, progress=not args.quiet, plots=not args.no_plots, command=command)

@@ -99,12 +99,13 @@ def read_manifest(path: str | Path) -> list[CellSpec]:
 
 
 def cells_from_args(cts: Sequence[str], targets: Sequence[str] = (), target_labels: Sequence[str] = (),
-                    models: Sequence[str] = (), xray_cts: Sequence[str] = ()) -> list[CellSpec]:
+                    models: Sequence[str] = (), xray_cts: Sequence[str] = (),
+                    names: Sequence[str] = ()) -> list[CellSpec]:
     """Cells from repeated command-line options, matched by position.
 
-    ``targets`` and ``xray_cts``: none, or one per CT; ``target_labels`` and ``models``: none, one
-    for every CT, or one per CT. ``-`` in a slot means "none" for that CT. Names are the CTs' file
-    names (``_2``, ``_3`` ... where two agree)."""
+    ``targets``, ``xray_cts`` and ``names``: none, or one per CT; ``target_labels`` and ``models``:
+    none, one for every CT, or one per CT. ``-`` in a slot means "none" for that CT. Names default
+    to the CTs' file names (``_2``, ``_3`` ... where two agree)."""
     n = len(cts)
 
     def spread(values: Sequence[str], option: str, shared: bool) -> list[str | None]:
@@ -122,13 +123,15 @@ def cells_from_args(cts: Sequence[str], targets: Sequence[str] = (), target_labe
     lb = spread(target_labels, "--target-labels", True)
     md = spread(models, "--model", True)
     xc = spread(xray_cts, "--xray-ct", n == 1)
-    names: list[str] = []
-    for ct in cts:
-        base = ct_name(ct)
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
-    cells = [CellSpec(names[i], cts[i], tg[i], parse_labels(lb[i]), md[i], xc[i]) for i in range(n)]
+    given = spread(names, "--name", n == 1)
+    chosen: list[str] = []
+    for ct, name in zip(cts, given):
+        if name is None:
+            base = ct_name(ct)
+            name, k = base, 2
+            while name in chosen or name in given:
+                name, k = f"{base}_{k}", k + 1
+        chosen.append(name)
+    cells = [CellSpec(chosen[i], cts[i], tg[i], parse_labels(lb[i]), md[i], xc[i]) for i in range(n)]
     check_names(cells)
     return cells

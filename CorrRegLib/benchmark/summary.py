@@ -306,7 +306,7 @@ def cells_table(summary: dict) -> str:
             lines.append(_cell_row(c["ct"], c["source"], m, c["methods"][m]))
     for m in summary["methods"]:
         p = summary["pooled"][m]
-        lines.append(_cell_row(f"**pooled** ({p['cells']} cells)", "all", m, p))
+        lines.append(_cell_row(f"**pooled** ({p['cells']} cell{'' if p['cells'] == 1 else 's'})", "all", m, p))
     return "\n".join(lines)
 
 

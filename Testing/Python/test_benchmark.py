@@ -5,8 +5,10 @@ or three cases, one cheap method with a short schedule.
 """
 
 import csv
-import math
 import json
+import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,6 +412,8 @@ def test_cells_from_options_and_manifest(tmp_path):
     cells = cells_from_args(["a/ct.nii.gz", "b/ct.nii.gz", "phantom"], ["a/m.nii.gz", "-", "-"], ["29-46"], [])
     assert [c.name for c in cells] == ["ct", "ct_2", "phantom"]
     assert cells[0].targets == "a/m.nii.gz" and cells[1].targets is None and cells[2].target_labels == tuple(range(29, 47))
+    named = cells_from_args(["a/ct.nii.gz", "b/ct.nii.gz"], names=["-", "ct"])
+    assert [c.name for c in named] == ["ct_2", "ct"]
     with pytest.raises(ValueError, match="2 --targets for 3 --ct"):
         cells_from_args(["a", "b", "c"], ["t1", "t2"])
     with pytest.raises(ValueError, match="2 --model for 3 --ct: give one for all or one per --ct"):
@@ -571,3 +575,104 @@ def test_benchmark_with_an_independent_source(tmp_path):
     fp = json.loads((out / "run.json").read_text())["fingerprint"]["xray_source"]
     assert fp["name"] == name and fp["version"] == version(name) and "hu_conversion" in fp
     assert s["methods"]["intensity"]["cases"] == 1 and f"{name} {version(name)}" in (out / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The developer set and the run script (Testing/Benchmarks)
+
+
+def _bench_module(name):
+    import importlib
+
+    here = str(Path(__file__).resolve().parents[1] / "Benchmarks")
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
+def test_developer_set_resampling_and_crops_keep_the_patient_frame():
+    mds = _bench_module("make_developer_set")
+    assert mds.paper_fov_mm() == pytest.approx(256 * 0.798 * 700 / 1011.7)
+    k, j, i = np.mgrid[0:20, 0:30, 0:40]
+    hu = np.where((i - 20) ** 2 + (j - 15) ** 2 + ((k - 10) * 2.5 / 0.7) ** 2 < 64, 1000.0, -1000.0).astype(np.float32)
+    hu[0, 0, 0] = -2048.0  # padding outside the scan: clamped, so it does not bleed into the smoothing
+    img = sitk.GetImageFromArray(hu)
+    img.SetSpacing((0.7, 0.7, 2.5))
+    img.SetOrigin((-10.0, 20.0, -30.0))
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    lab = sitk.GetImageFromArray((hu > 0).astype(np.uint8) * 30)
+    lab.CopyInformation(img)
+    r, rl = mds.resample(img, 3.0, False), mds.resample(lab, 3.0, True)
+    assert r.GetSpacing() == (3.0, 3.0, 3.0) and r.GetDirection() == img.GetDirection()
+    assert np.allclose(mds.extent_mm(r), [27.0, 21.0, 51.0], atol=1.6)  # same box, whole voxels
+    # the voxel grids share their corner (the box's edge)
+    def corner(im):
+        return np.array(im.GetOrigin()) - np.array(im.GetDirection()).reshape(3, 3) @ (np.array(im.GetSpacing()) / 2)
+    assert np.allclose(corner(r), corner(img))
+    assert set(np.unique(sitk.GetArrayFromImage(rl))) <= {0, 30}  # nearest neighbour: labels stay labels
+    assert sitk.GetArrayFromImage(r).min() >= -1024.0
+    # the ball's centre stays where it was (LPS), and its mass is kept by the anti-aliased resampling
+    def centroid(im):
+        a = sitk.GetArrayFromImage(im) + 1000.0
+        kji = np.argwhere(a > -1e9)
+        w = a[tuple(kji.T)]
+        ijk = (kji[:, ::-1] * w[:, None]).sum(0) / w.sum()
+        return np.array(im.TransformContinuousIndexToPhysicalPoint(ijk.tolist()))
+    assert np.allclose(centroid(r), centroid(img), atol=0.3)
+    c = mds.crop(img, np.array([20.0, 15.0, 10.0]), 10.0)
+    assert c.GetSize() == (14, 14, 4)
+    p = c.TransformIndexToPhysicalPoint((3, 4, 2))
+    assert sitk.GetArrayFromImage(c)[2, 4, 3] == hu[tuple(img.TransformPhysicalPointToIndex(p))[::-1]]
+    big = mds.crop(img, np.array([1.0, 1.0, 1.0]), 1000.0)  # clipped to the image
+    assert big.GetSize() == img.GetSize()
+
+
+def test_run_script_builds_one_job_per_cell_and_source(tmp_path):
+    rg = _bench_module("run_generalisation")
+    m = tmp_path / "manifest.json"
+    m.write_text(json.dumps([
+        {"name": "a", "ct": "a.nii.gz", "targets": "a_mask.nii.gz", "target_labels": "29-31", "xray_ct": "full.nii.gz"},
+        {"name": "b", "ct": "phantom", "phantom_spacing_mm": 3, "model": "/m/b"}]))
+    out = tmp_path / "out"
+    import argparse
+
+    args = argparse.Namespace(
+        methods="intensity,hybrid", sources="corrreg,nanodrr", out=str(out), models=None, no_train=False,
+        train_steps=20, train_lr=2e-3, protocol="paper", cases=3, seed=0, detector_downsample=2.0, threads=1)
+    cells = read_manifest(m)
+    python = ["py", "-m", "CorrRegLib.cli"]
+    models, trains = rg.model_jobs(cells, args, python)
+    assert [j.name for j in trains] == ["train_a"] and models == {"a": str(out / "models" / "a"), "b": "/m/b"}
+    assert trains[0].argv[:5] == python + ["train", "--ct"] and "--resume" not in trains[0].argv
+    jobs = rg.cell_jobs(cells, models, args, python, trains)
+    assert [j.name for j in jobs] == ["corrreg_a", "corrreg_b", "nanodrr_a", "nanodrr_b"]
+    a = jobs[2].argv
+    assert a[a.index("--xray-source") + 1] == "nanodrr" and a[a.index("--out") + 1] == str(out / "nanodrr" / "a")
+    assert a[a.index("--xray-ct") + 1] == str(tmp_path / "full.nii.gz") and a[a.index("--target-labels") + 1] == "29,30,31"
+    assert a[a.index("--model") + 1] == str(out / "models" / "a") and jobs[2].after == ["train_a"]
+    b = jobs[1].argv
+    assert b[b.index("--phantom-spacing") + 1] == "3.0" and "--xray-ct" not in b and jobs[1].after == []
+    # intensity alone needs no model: nothing to train
+    args.methods = "intensity"
+    models, trains = rg.model_jobs(cells, args, python)
+    assert trains == [] and models == {"a": None, "b": "/m/b"}
+
+
+def test_run_script_runs_jobs_in_parallel_and_skips_dependants_of_failures(tmp_path):
+    rg = _bench_module("run_generalisation")
+    stamp = tmp_path / "stamps"
+    stamp.mkdir()
+
+    def job(name, code, after=(), cost=0.0):
+        script = (f"import time, pathlib; p = pathlib.Path({str(stamp)!r}); (p / '{name}.start').touch(); "
+                  f"time.sleep(0.6); (p / '{name}.end').touch(); raise SystemExit({code})")
+        return rg.Job(name, [sys.executable, "-c", script], cost=cost, after=list(after))
+
+    jobs = [job("t1", 0, cost=3), job("t2", 1, cost=2), job("c1", 0, ["t1"]), job("c2", 0, ["t2"]), job("x", 0)]
+    failed = rg.run_jobs(jobs, 2, 1, tmp_path / "logs")
+    assert sorted(failed) == ["c2", "t2"]
+    assert not (stamp / "c2.start").exists() and (stamp / "c1.end").exists() and (stamp / "x.end").exists()
+    assert (stamp / "c1.start").stat().st_mtime >= (stamp / "t1.end").stat().st_mtime  # after its prerequisite
+    # the two largest started together (2 at a time)
+    assert abs((stamp / "t1.start").stat().st_mtime - (stamp / "t2.start").stat().st_mtime) < 0.5
+    assert (tmp_path / "logs" / "t2.log").read_text().startswith(sys.executable)
