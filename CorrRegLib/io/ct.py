@@ -99,10 +99,38 @@ def _read_ct_image(path: PathLike) -> tuple[sitk.Image, Path]:
 def _read_series(files: list[str], where: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        img = reader.Execute()
     except RuntimeError as err:
         raise _sitk_error(where, err, "DICOM series") from None
+    _check_slice_positions(reader, img, files, where)
+    return img
+
+
+def _check_slice_positions(reader: sitk.ImageSeriesReader, img: sitk.Image, files: list[str], where: Path) -> None:
+    """Refuse a series whose slices are not evenly spaced (a slice missing, unreadable or from
+    another scan): ITK would stack them at the first gap's spacing, misplacing the rest."""
+    positions = []
+    for i in range(len(files)):
+        try:
+            xyz = [float(v) for v in reader.GetMetaData(i, "0020|0032").replace("\\", " ").split()]
+        except (RuntimeError, ValueError):
+            return  # no ImagePositionPatient: nothing to check
+        if len(xyz) != 3:
+            return
+        positions.append(xyz)
+    if len(positions) < 3:
+        return
+    normal = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    gaps = np.diff(np.sort(np.array(positions) @ normal))
+    median = float(np.median(gaps))
+    if median <= 0 or float(np.abs(gaps - median).max()) > max(0.01, 0.1 * median):
+        raise ValueError(
+            f"the DICOM series in {where} has unevenly spaced slices (gaps from {gaps.min():.3g} to {gaps.max():.3g} mm "
+            f"between {len(files)} readable slices): a slice is missing, unreadable (truncated?) or from another scan; "
+            "export the series again, or put the slices of one scan in their own folder"
+        )
 
 
 def _check_ct_header(reader: sitk.ImageFileReader, p: Path) -> None:
@@ -168,6 +196,8 @@ def read_ct(path: PathLike, hu: bool = True) -> Volume:
     ``hu=False``: the file already holds attenuation in 1/mm and is used as is.
     """
     img = read_ct_hu(path)
+    volume = img.to_volume() if hu else Volume(img.hu, img.spacing, img.origin, img.direction)
+    volume.check_content(f"the CT {_path(path)}")
     lo, hi = float(img.hu.min()), float(img.hu.max())
     if hu and lo >= 0.0 and hi < 5.0:
         warnings.warn(
@@ -180,8 +210,6 @@ def read_ct(path: PathLike, hu: bool = True) -> Volume:
             f"hu=False but the CT values reach {hi:.4g}, which looks like HU, not attenuation in 1/mm",
             stacklevel=2,
         )
-    volume = img.to_volume() if hu else Volume(img.hu, img.spacing, img.origin, img.direction)
-    volume.check_content(f"the CT {_path(path)}")
     return volume
 
 

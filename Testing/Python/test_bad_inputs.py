@@ -142,6 +142,11 @@ def P(tmp_path_factory) -> SimpleNamespace:
     nan[10, 10, 10] = np.nan
     _sitk_write(nan, d / "nan.nrrd")
     (d / "empty.nrrd").write_bytes(b"")
+    from test_io import _write_dicom_series
+
+    _write_dicom_series(d / "dicom_gap", hu16[::8, ::2, ::2].astype(np.float32), (5.0, 5.0, 20.0), (0, 0, 0), np.eye(3))
+    slice3 = sorted((d / "dicom_gap").iterdir())[3]
+    _truncate(slice3, slice3)  # GDCM drops the unreadable slice: the series has a hole
     (d / "nodicom").mkdir()
     (d / "nodicom" / "readme.txt").write_text("not a DICOM series")
     # JSON and targets that are not what they claim
@@ -382,6 +387,9 @@ CASES = [
     Case("register-ct-nan", reg(ct="nan.nrrd"), match="NaN"),
     Case("register-ct-empty-file", reg(ct="empty.nrrd"), match="cannot read CT"),
     Case("register-ct-is-json", reg(ct="truth.json"), match="cannot read CT"),
+    Case("register-ct-dicom-slice-truncated", reg(ct="dicom_gap"), match="unevenly spaced slices"),
+    Case("api-read-ct-dicom-slice-truncated", api=lambda P: read_ct(P.dir / "dicom_gap"), expect=ValueError,
+         match="a slice is missing, unreadable"),
     Case("register-ct-folder-without-dicom", reg(ct="nodicom"), match="no DICOM series"),
     Case("register-ct-missing", reg(ct="nothere.nrrd"), match="not found"),
     Case("simulate-ct-truncated", ("simulate", "--ct", "{in}/trunc_ct.nii.gz", "--camera", "{in}/geom.camera.json",
