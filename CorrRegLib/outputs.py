@@ -141,11 +141,11 @@ def check_writable(path: PathLike, label: str = "output", folder: bool = False) 
         if p.exists() and not p.is_dir():
             raise OutputError(f"{name} is a file, not a folder; give a folder for this output (it is created if missing)")
     elif p.is_dir():
-        raise OutputError(f"{name} is a folder; give a file name for this output (e.g. {p / 'out'}{_example(label)})")
+        raise OutputError(f"{name} is a folder; give the path of a file for this output (in that folder, say)")
     anc = _existing_ancestor(p if folder else p.parent)
     if not anc.is_dir():
         raise OutputError(f"cannot write {name}: {anc} is a file, not a folder; choose a path in a folder")
-    if os.path.lexists(p) and not folder and not os.access(p, os.W_OK):
+    if p.exists() and not folder and not os.access(p, os.W_OK):
         raise OutputError(f"cannot write {name}: the existing file is read-only; make it writable or choose another path")
     try:
         fd, probe = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=anc)
@@ -155,10 +155,6 @@ def check_writable(path: PathLike, label: str = "output", folder: bool = False) 
         ) from None
     os.close(fd)
     os.unlink(probe)
-
-
-def _example(label: str) -> str:
-    return ".json" if "output" in label else ""
 
 
 def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Sequence[PathLike] | None] | None = None) -> None:
@@ -183,16 +179,10 @@ def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Seq
     for out in outputs:
         if out.path is None:
             continue
+        if os.fspath(out.path) == "":
+            raise OutputError(f"{out.label}: the path is empty; give a file or folder name")
         p = _p(out.path)
         folder = out.kind == "folder"
-        allowed = None if folder else FORMATS[out.kind]
-        if allowed is not None and not p.name.lower().endswith(allowed):
-            raise OutputError(
-                f"{out.label} {p}: the file name must end with {' or '.join(allowed)} "
-                f"(got {_suffix(p) or 'no extension'!r}); the format follows the extension"
-            )
-        if out.kind == "picture":
-            _require_matplotlib(out.label)
         files = [(out.label, p)]
         if out.kind in ("xray", "image"):
             files += [(f"{out.label} (its {c.name})", c) for c in companion_files(p, sidecar=out.kind == "xray")]
@@ -213,6 +203,14 @@ def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Seq
                     raise OutputError(f"{label} and {other_label} name the same file {f}; give each output its own path")
             written.append((label, f))
         check_writable(p, out.label, folder=folder)
+        allowed = None if folder else FORMATS[out.kind]
+        if allowed is not None and not p.name.lower().endswith(allowed):
+            raise OutputError(
+                f"{out.label} {p}: the file name must end with {' or '.join(allowed)} "
+                f"(got {_suffix(p) or 'no extension'!r}); the format follows the extension"
+            )
+        if out.kind == "picture":
+            _require_matplotlib(out.label)
 
 
 def _require_matplotlib(label: str) -> None:
@@ -292,4 +290,15 @@ def atomic_path(path: PathLike, label: str = "output") -> Iterator[Path]:
     """Write one output atomically: ``with atomic_path(p) as tmp: write(tmp)``; ``p`` is
     replaced only once the block succeeds (files the writer adds beside ``tmp`` move with it)."""
     with OutputSet() as outputs:
-        yield outputs.path(path, label)
+        tmp = outputs.path(path, label)
+        try:
+            yield tmp
+        except RuntimeError as err:  # SimpleITK's writers fail with RuntimeError: a message, not a bug
+            if "SimpleITK" not in str(err):
+                raise
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            detail = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1])
+            raise OutputError(
+                f"cannot write {label} {_p(path)}: SimpleITK failed ({detail}); check the extension (the format) "
+                "and the free disk space"
+            ) from None

@@ -323,6 +323,8 @@ CASES = [
     Case("api-write-xray-below-a-file", api=lambda P: write_xray(P.image, P.file / "x.nrrd", camera=CAMERA),
          expect=OutputError, match="is a file, not a folder"),
     Case("api-write-ct-onto-a-folder", api=lambda P: write_ct(P.volume, P.out), expect=OutputError, match="is a folder"),
+    Case("api-write-ct-as-png", api=lambda P: write_ct(P.volume, P.out / "ct.png"), expect=OutputError,
+         match="SimpleITK failed"),
     Case("api-later-output-fails", api=_staged_then_failed, prepare=_old_file, expect=RuntimeError,
          match="later output failed"),
     Case("api-interrupted-write", api=_interrupted_write, prepare=_old_file, expect=KeyboardInterrupt),
@@ -530,3 +532,25 @@ def test_bad_input(case: Case, P, tmp_path, capsys):
         assert _snapshot(out) == outputs_before, "the failed run left or changed files"
     leftovers = [p for p in list(P.dir.rglob(".corrreg-*")) + list(out.rglob(".corrreg-*"))]
     assert not leftovers, leftovers
+
+
+def test_staged_outputs_appear_together_on_commit_only(P, tmp_path):
+    """OutputSet: nothing changes before commit (the old file stays, no new folder); commit moves
+    every staged file, side-cars and detached data files included, and leaves no staging folder;
+    abort removes what was staged and the folders made for it."""
+    old = tmp_path / "pose.json"
+    old.write_text('{"old": true}\n')
+    outputs = OutputSet()
+    write_pose_json(P.truth, outputs.path(old))
+    write_xray(P.image, outputs.path(tmp_path / "sub" / "drr.mhd"), camera=CAMERA)
+    assert old.read_text() == '{"old": true}\n'
+    assert not list((tmp_path / "sub").glob("drr*"))
+    outputs.commit()
+    assert torch.equal(read_pose_json(old), P.truth)
+    back = read_xray(tmp_path / "sub" / "drr.mhd")  # header, drr.raw and drr.camera.json moved together
+    assert back.camera == CAMERA and torch.equal(back.image, P.image)
+    assert not list(tmp_path.rglob(".corrreg-*"))
+    outputs = OutputSet()
+    write_pose_json(P.truth, outputs.path(tmp_path / "new" / "deeper" / "p.json"))
+    outputs.abort()
+    assert not (tmp_path / "new").exists() and not list(tmp_path.rglob(".corrreg-*"))
