@@ -335,6 +335,8 @@ def check_render(line_integral: Tensor, volume: Volume, camera: Camera, pose: Te
             raise ValueError(f"the render{which} holds NaN or Inf values; check the camera and the pose for NaN or Inf")
         depth = _centre_depth(volume, poses[b])
         covered = float((li[b] > 1e-6).float().mean())
+        if covered == 0.0 and float(volume.data.max()) <= 0.0:
+            volume.check_content()  # only air: say so, not "out of view"
         if covered == 0.0 or not 0.0 < depth < camera.sdd:
             result = "noise alone" if covered == 0.0 else "physically impossible"
             raise ValueError(

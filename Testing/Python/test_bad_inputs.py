@@ -213,6 +213,12 @@ def _old_file(out: Path, inputs: Path) -> None:
     (out / "pose.json").write_text('{"old": true}\n')
 
 
+def _air_volume():
+    from CorrRegLib.volume import Volume
+
+    return Volume(torch.zeros(40, 40, 40), (2.5, 2.5, 2.5))
+
+
 def _staged_then_failed(P):
     """A later output fails after an earlier one was staged: the old file must survive."""
     with OutputSet() as outputs:
@@ -431,6 +437,8 @@ CASES = [
                                           "--pose", "{in}/truth.json", "--out", "{out}/x.nrrd"), match="NaN"),
     Case("simulate-dose-0", SIM + ("--dose", "0", "--out", "{out}/x.nrrd"), match="dose"),
     Case("simulate-sdd-nan", SIM + ("--sdd", "nan", "--out", "{out}/x.nrrd"), match="finite number"),
+    Case("api-simulate-all-air-volume", api=lambda P: simulate_xray(_air_volume(), CAMERA, P.truth), expect=ValueError,
+         match="holds only air"),
     Case("api-simulate-inverse-pose", api=lambda P: simulate_xray(P.volume, CAMERA, invert_pose(P.truth)),
          expect=ValueError, match="pose looks inverted"),
     # ---- poses, cameras, targets -----------------------------------------------------------------------
