@@ -229,7 +229,8 @@ def measure(args) -> dict:
 
 
 def compare_cli(args) -> dict:
-    """The default schedule on a small case: in the module's worker and with ``corrreg register``."""
+    """The default schedule on a small case, method "intensity": in the module's worker and with
+    ``corrreg register`` (whose --method offers no "auto")."""
     import slicer
 
     adapter, logic_mod = _load_module_lib(Path(args.module_dir))
@@ -238,7 +239,8 @@ def compare_cli(args) -> dict:
     case = build_case(slicer, adapter, args.ct_size, args.detector)
     logic = logic_mod.CorrRegLogicCore(case["scene"])
     out = case["scene"].AddNewNodeByClass("vtkMRMLLinearTransformNode", "pose")
-    kwargs = _common_args(case, None, method="auto")
+    # "intensity": a pipeline the command line offers under the same name (its --method has no "auto")
+    kwargs = _common_args(case, None, method="intensity")
     kwargs.pop("options")
     t0 = time.perf_counter()
     run = logic.start(case["ct"], case["xray"], out, background=True, **kwargs)
@@ -257,7 +259,7 @@ def compare_cli(args) -> dict:
         write_xray(torch.from_numpy(image), tmp / "xray.nrrd", camera=case["camera"])
         write_pose_json(run.options.initialPose, tmp / "init.json")
         cmd = [sys.executable, "-m", "CorrRegLib.cli", "register", "--ct", str(tmp / "ct.nrrd"), "--xray",
-               str(tmp / "xray.nrrd"), "--init", str(tmp / "init.json"), "--method", "auto", "--output",
+               str(tmp / "xray.nrrd"), "--init", str(tmp / "init.json"), "--method", "intensity", "--output",
                str(tmp / "pose.json"), "--json", "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
