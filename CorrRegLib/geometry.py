@@ -31,12 +31,17 @@ class Camera:
     ``pixel_spacing`` is (dx, dy) in mm at the detector, ``size`` is (W, H) in pixels and
     ``principal_point`` is (cx, cy) in pixels (default: the image centre). Pixel (col c, row r)
     has its centre at u = c + 0.5, v = r + 0.5.
+
+    ``focal_px`` is (fx, fy) in pixels, set when the camera came from an intrinsic matrix
+    (:meth:`from_intrinsics`): :meth:`intrinsics` then returns exactly those values, and
+    sdd / dx, sdd / dy agree with them to rounding (checked, 1e-9 relative).
     """
 
     sdd: float
     pixel_spacing: tuple[float, float]
     size: tuple[int, int]
     principal_point: tuple[float, float] | None = None
+    focal_px: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.sdd) and self.sdd > 0):
@@ -55,6 +60,72 @@ class Camera:
         else:
             cx, cy = (float(v) for v in self.principal_point)
             object.__setattr__(self, "principal_point", (cx, cy))
+        if self.focal_px is not None:
+            fx, fy = (float(v) for v in self.focal_px)
+            for f, name, d in ((fx, "fx", dx), (fy, "fy", dy)):
+                if not (math.isfinite(f) and f > 0):
+                    raise ValueError(f"the focal length {name} must be a positive number of pixels, got {f}")
+                if abs(self.sdd / d - f) > 1e-9 * f:
+                    raise ValueError(
+                        f"focal_px {name} = {f:.10g} px disagrees with sdd / pixel spacing = {self.sdd / d:.10g} px; "
+                        "build the camera with Camera.from_intrinsics (or drop focal_px when changing sdd or spacing)"
+                    )
+            object.__setattr__(self, "focal_px", (fx, fy))
+
+    @classmethod
+    def from_intrinsics(
+        cls,
+        K,
+        size: Sequence[int],
+        pixel_spacing: float | Sequence[float] | None = None,
+    ) -> "Camera":
+        """Camera from a 3 x 3 intrinsic matrix in pixels, K = [[fx, 0, cx], [0, fy, cy], [0, 0, 1]].
+
+        ``K`` follows CorrReg's pixel convention (the centre of pixel (col c, row r) is at
+        (c + 0.5, r + 0.5)), so ``intrinsics()`` returns it exactly; an OpenCV / MayaCam matrix
+        (pixel centres at integers) needs cx + 0.5, cy + 0.5 first (``io.read_calibration`` does
+        that). fx and fy may differ; skew (K[0, 1]) must be zero. ``size`` is (W, H).
+
+        The projection depends only on fx, fy, cx, cy. The physical scale is set by
+        ``pixel_spacing`` (dx, or (dx, dy), mm at the detector): sdd = fx * dx and dy = sdd / fy
+        (a given dy more than 1 % away from that is refused). Without it the nominal
+        ``NOMINAL_PIXEL_SPACING_MM`` = 1 mm is used, so sdd = fx mm: larger than the true sdd of
+        any detector with pixels under 1 mm, so no object is ever placed beyond the detector.
+        """
+        k = torch.as_tensor(K, dtype=torch.float64).detach().cpu()
+        if tuple(k.shape) != (3, 3) or not bool(torch.isfinite(k).all()):
+            raise ValueError(f"an intrinsic matrix must be a finite 3 x 3 matrix, got shape {tuple(k.shape)}")
+        k = k / k[2, 2] if k[2, 2] != 0 else k
+        fx, skew, cx = (float(v) for v in k[0])
+        k10, fy, cy = (float(v) for v in k[1])
+        if abs(skew) > 1e-9 * max(abs(fx), 1.0):
+            raise ValueError(
+                f"the intrinsic matrix has a skew K[0, 1] = {skew:.6g}; CorrReg's camera has square-cornered pixels "
+                "(skew 0). Recalibrate without skew (OpenCV does by default) or fold it into a rotated image"
+            )
+        if abs(k10) > 1e-9 * max(abs(fy), 1.0) or float(k[2, 0]) != 0.0 or float(k[2, 1]) != 0.0:
+            raise ValueError(f"not an intrinsic matrix (expected [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]): {k.tolist()}")
+        if not (fx > 0 and fy > 0):
+            raise ValueError(
+                f"the focal lengths must be positive pixels, got fx = {fx:g}, fy = {fy:g}; a negative one means a "
+                "mirrored image axis: flip the image instead"
+            )
+        if pixel_spacing is None:
+            dx = NOMINAL_PIXEL_SPACING_MM
+            dy_given = None
+        else:
+            ps = [float(v) for v in (pixel_spacing if isinstance(pixel_spacing, (list, tuple)) else [pixel_spacing])]
+            if len(ps) not in (1, 2) or not all(math.isfinite(v) and v > 0 for v in ps):
+                raise ValueError(f"pixel_spacing must be dx or (dx, dy), positive mm, got {pixel_spacing}")
+            dx, dy_given = ps[0], (ps[1] if len(ps) == 2 else None)
+        sdd = fx * dx
+        dy = sdd / fy
+        if dy_given is not None and abs(dy_given / dy - 1.0) > 0.01:
+            raise ValueError(
+                f"pixel spacing ({dx:g}, {dy_given:g}) mm disagrees with the calibrated aspect fx / fy = {fx / fy:.6g} "
+                f"(dy would be {dy:.6g} mm); give dx only"
+            )
+        return cls(sdd=sdd, pixel_spacing=(dx, dy), size=tuple(size), principal_point=(cx, cy), focal_px=(fx, fy))
 
     @property
     def width(self) -> int:
@@ -65,12 +136,11 @@ class Camera:
         return self.size[1]
 
     def intrinsics(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
-        """K = [[sdd/dx, 0, cx], [0, sdd/dy, cy], [0, 0, 1]]."""
+        """K = [[sdd/dx, 0, cx], [0, sdd/dy, cy], [0, 0, 1]] (fx, fy = ``focal_px`` when set)."""
         dx, dy = self.pixel_spacing
         cx, cy = self.principal_point
-        return torch.tensor(
-            [[self.sdd / dx, 0.0, cx], [0.0, self.sdd / dy, cy], [0.0, 0.0, 1.0]], dtype=dtype, device=device
-        )
+        fx, fy = self.focal_px if self.focal_px is not None else (self.sdd / dx, self.sdd / dy)
+        return torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=dtype, device=device)
 
     def intrinsics_inv(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
         return torch.linalg.inv(self.intrinsics(torch.float64, device)).to(dtype)
@@ -100,6 +170,7 @@ class Camera:
             pixel_spacing=(self.pixel_spacing[0] * fx, self.pixel_spacing[1] * fy),
             size=(w, h),
             principal_point=(cx / fx, cy / fy),
+            focal_px=None if self.focal_px is None else (self.focal_px[0] / fx, self.focal_px[1] / fy),
         )
 
     def to_dict(self) -> dict:
@@ -109,10 +180,13 @@ class Camera:
             "pixel_spacing_mm": list(self.pixel_spacing),
             "size_px": list(self.size),
             "principal_point_px": list(self.principal_point),
+            **({"intrinsics_px": self.intrinsics().tolist()} if self.focal_px is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Camera":
+        if d.get("intrinsics_px") is not None:
+            return cls._from_intrinsics_dict(d)
         missing = [k for k in ("sdd_mm", "pixel_spacing_mm", "size_px") if k not in d]
         if missing:
             raise ValueError(f"camera JSON lacks {missing}; expected keys sdd_mm, pixel_spacing_mm, size_px[, principal_point_px]")
@@ -122,6 +196,31 @@ class Camera:
             size=tuple(d["size_px"]),
             principal_point=tuple(d["principal_point_px"]) if d.get("principal_point_px") is not None else None,
         )
+
+    @classmethod
+    def _from_intrinsics_dict(cls, d: dict) -> "Camera":
+        """Camera JSON with ``intrinsics_px`` (3 x 3, CorrReg pixel convention) and ``size_px``;
+        ``pixel_spacing_mm`` optional (sets the physical scale); ``sdd_mm`` and
+        ``principal_point_px`` optional and, if given, must agree with the matrix."""
+        if d.get("size_px") is None:
+            raise ValueError("a camera JSON with intrinsics_px also needs size_px [W, H]")
+        ps = d.get("pixel_spacing_mm")
+        cam = cls.from_intrinsics(d["intrinsics_px"], tuple(d["size_px"]), ps if ps is None or isinstance(ps, (int, float)) else tuple(ps))
+        if d.get("sdd_mm") is not None and abs(float(d["sdd_mm"]) / cam.sdd - 1.0) > 1e-6:
+            if ps is None:  # sdd given instead of the pixel size: the scale follows from it
+                return cls.from_intrinsics(d["intrinsics_px"], tuple(d["size_px"]), float(d["sdd_mm"]) / cam.focal_px[0])
+            raise ValueError(
+                f"sdd_mm {float(d['sdd_mm']):g} disagrees with intrinsics_px fx x pixel_spacing_mm dx = {cam.sdd:g} mm"
+            )
+        pp = d.get("principal_point_px")
+        if pp is not None and max(abs(float(a) - b) for a, b in zip(pp, cam.principal_point)) > 1e-6:
+            raise ValueError(f"principal_point_px {list(pp)} disagrees with intrinsics_px (cx, cy) = {list(cam.principal_point)}")
+        return cam
+
+
+#: Physical pixel size (mm) assumed by :meth:`Camera.from_intrinsics` when none is known; only
+#: fx, fy, cx, cy matter to the projection, so it only sets the nominal sdd (= fx mm).
+NOMINAL_PIXEL_SPACING_MM = 1.0
 
 
 # --------------------------------------------------------------------------------------------

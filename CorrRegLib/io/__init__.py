@@ -8,11 +8,13 @@ X-rays. Geometry follows DESIGN.md: CT coordinates are LPS millimetres, poses ar
 Errors are ``ValueError`` (or ``FileNotFoundError``) whose message names the problem and the fix,
 because these functions sit right behind the command line and the Slicer module.
 
-One module per kind of file: ``ct``, ``xray``, ``camera`` (camera JSON and calibration files),
-``poses``, ``targets``; the public names are re-exported here.
+One module per kind of file: ``ct`` (and ``ct_geometry`` for CTs without geometry), ``xray``,
+``camera`` (camera JSON), ``calibration`` (calibrated cameras: CorrReg JSON, MayaCam 2.0,
+OpenCV), ``poses``, ``targets``; the public names are re-exported here.
 """
 
 from ._common import CAMERA_METADATA_KEY, _suffix  # noqa: F401  (used by benchmark and the Slicer module)
+from .calibration import Calibration, read_calibration, write_calibration
 from .camera import camera_json_path, read_camera_json, write_camera_json
 from .ct import HUImage, read_ct, read_ct_hu, write_ct
 from .poses import read_pose_itk, read_pose_json, write_pose_itk, write_pose_json
@@ -22,6 +24,9 @@ from .xray import XRay, read_xray, write_xray, xray_initial_pose
 __all__ = [
     "HUImage",
     "XRay",
+    "Calibration",
+    "read_calibration",
+    "write_calibration",
     "read_ct",
     "read_ct_hu",
     "write_ct",

@@ -19,6 +19,8 @@ def _camera_fields_from_dict(d: dict, source: str, where: Path) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{where}: a camera JSON must be an object with keys sdd_mm, pixel_spacing_mm, size_px")
     fields: dict = {}
+    if d.get("intrinsics_px") is not None:
+        return _intrinsics_fields(d, source, where)
     try:
         if d.get("sdd_mm") is not None:
             fields["sdd"] = (float(d["sdd_mm"]), source)
@@ -44,6 +46,26 @@ def _camera_fields_from_dict(d: dict, source: str, where: Path) -> dict:
 
 
 _CAMERA_FORMAT = '{"sdd_mm": 1020, "pixel_spacing_mm": [dx, dy], "size_px": [W, H], "principal_point_px": [cx, cy]}'
+
+
+def _intrinsics_fields(d: dict, source: str, where: Path) -> dict:
+    """Camera fields of a camera JSON that gives ``intrinsics_px`` (3 x 3, CorrReg's pixel
+    convention): every field at once, ``focal_px`` included, so K is kept exactly."""
+    dd = dict(d)
+    dd.setdefault("size_px", [1, 1])  # the size always comes from the image; K fixes the rest
+    try:
+        cam = Camera.from_dict(dd)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: invalid camera JSON ({err}); intrinsics_px must be [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]") from None
+    fields = {
+        "sdd": (cam.sdd, source),
+        "pixel_spacing": (cam.pixel_spacing, source),
+        "principal_point": (cam.principal_point, source),
+        "focal_px": (cam.focal_px, source),
+    }
+    if d.get("size_px") is not None:
+        fields["size"] = (cam.size, source)
+    return fields
 
 
 def read_camera_json(path: PathLike) -> Camera:

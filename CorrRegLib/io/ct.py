@@ -13,6 +13,7 @@ import torch
 
 from ..outputs import atomic_path
 from ..volume import Volume, attenuation_to_hu
+from .ct_geometry import apply_ct_geometry, resolve_ct_geometry
 from ._common import (
     PathLike,
     Tensor,
@@ -172,11 +173,14 @@ def _geometry(img: sitk.Image) -> tuple[tuple[float, ...], tuple[float, ...], tu
     return tuple(float(s) for s in img.GetSpacing()), tuple(float(o) for o in img.GetOrigin()), direction
 
 
-def read_ct_hu(path: PathLike) -> HUImage:
+def read_ct_hu(path: PathLike, geometry=None) -> HUImage:
     """The CT's voxel values (as stored, normally HU) as a float32 (K, J, I) tensor + geometry.
 
-    Accepts NIfTI/NRRD/MHA files, a DICOM series folder, or one file of a DICOM series.
-    Origin, spacing and direction are kept exactly as SimpleITK reads them (oblique included).
+    Accepts NIfTI/NRRD/MHA files, a DICOM series folder, one file of a DICOM series, or any 3D
+    image SimpleITK reads (a multi-page TIFF: pages are k). Origin, spacing and direction are
+    kept exactly as SimpleITK reads them (oblique included), unless ``geometry`` (a
+    ``ct_geometry.CTGeometry``, dict or JSON path) or a side-car ``<stem>.geometry.json``
+    gives them (and a HU mapping), see ``io/ct_geometry.py``.
     """
     img, p = _read_ct_image(path)
     arr = sitk.GetArrayFromImage(img)
@@ -186,16 +190,21 @@ def read_ct_hu(path: PathLike) -> HUImage:
             f"the CT {p} contains {bad} NaN or Inf voxels; replace them (e.g. with -1000 HU for air) and save again"
         )
     spacing, origin, direction = _geometry(img)
-    return HUImage(torch.from_numpy(np.ascontiguousarray(arr)), spacing, origin, direction)
+    hu = torch.from_numpy(np.ascontiguousarray(arr))
+    geom = resolve_ct_geometry(p, geometry)
+    if geom is not None:
+        hu, spacing, origin, direction = apply_ct_geometry(hu, spacing, origin, direction, geom)
+    return HUImage(hu, spacing, origin, direction)
 
 
-def read_ct(path: PathLike, hu: bool = True) -> Volume:
+def read_ct(path: PathLike, hu: bool = True, geometry=None) -> Volume:
     """Read a CT into a ``Volume`` of linear attenuation (1/mm) with its exact LPS geometry.
 
     ``hu=True`` (default): the file holds Hounsfield units, converted by volume.hu_to_attenuation.
     ``hu=False``: the file already holds attenuation in 1/mm and is used as is.
+    ``geometry``: spacing / origin / direction / HU mapping the file lacks (see read_ct_hu).
     """
-    img = read_ct_hu(path)
+    img = read_ct_hu(path, geometry=geometry)
     volume = img.to_volume() if hu else Volume(img.hu, img.spacing, img.origin, img.direction)
     volume.check_content(f"the CT {_path(path)}")
     lo, hi = float(img.hu.min()), float(img.hu.max())

@@ -124,6 +124,9 @@ def _dicom_geometry(reader: sitk.ImageFileReader) -> tuple[dict, dict]:
     photometric = _meta(reader, "0028|0004")
     if photometric:
         info["photometric_interpretation"] = photometric
+    lut_shape = _meta(reader, "2050|0020")  # PresentationLUTShape: IDENTITY or INVERSE
+    if lut_shape:
+        info["presentation_lut_shape"] = lut_shape
     return fields, info
 
 
@@ -191,8 +194,15 @@ def read_xray(
     if is_dicom:
         fields, info = _dicom_geometry(reader)
         metadata.update(info)
-        if info.get("photometric_interpretation", "").upper() == "MONOCHROME1" and not _sitk_inverts_monochrome1():
+        mono1 = info.get("photometric_interpretation", "").upper() == "MONOCHROME1"
+        if mono1 and not _sitk_inverts_monochrome1():
             arr = (hi + lo) - arr
+        # PresentationLUTShape INVERSE: displayed inverted. With MONOCHROME1 it restates that
+        # inversion (DICOM's DX rule), so the pixels are inverted once, never twice.
+        if info.get("presentation_lut_shape", "").upper() == "INVERSE" and not mono1:
+            arr = (hi + lo) - arr
+        if mono1 or info.get("presentation_lut_shape", "").upper() == "INVERSE":
+            metadata["display_inverted"] = True
         layers.append(fields)
     else:
         if _suffix(p) in _HEADER_SPACING_SUFFIXES:
@@ -221,6 +231,7 @@ def read_xray(
                 "pixel_spacing": (camera.pixel_spacing, "camera argument"),
                 "principal_point": (camera.principal_point, "camera argument"),
                 "size": (camera.size, "camera argument"),
+                **({"focal_px": (camera.focal_px, "camera argument")} if camera.focal_px is not None else {}),
             }
         )
     flags: dict = {}
@@ -243,6 +254,11 @@ def read_xray(
             f"the {merged['size'][1]} describes a {merged['size'][0][0]} x {merged['size'][0][1]} detector but "
             f"the image {p} is {w} x {h} pixels; give the camera of this image (the size comes from the image)"
         )
+    # exact focal lengths (a camera given by its intrinsic matrix) only while sdd and the pixel
+    # spacing still come from that same source; a flag overriding either re-derives them
+    focal = merged.pop("focal_px", None)
+    if focal is not None and not (merged.get("sdd", (0, None))[1] == merged.get("pixel_spacing", (0, None))[1] == focal[1]):
+        focal = None
     metadata["geometry_sources"] = {k: v[1] for k, v in merged.items() if k != "size"}
 
     cam = None
@@ -258,7 +274,8 @@ def read_xray(
     else:
         pp = merged.get("principal_point", (None, ""))[0]
         try:
-            cam = Camera(sdd=merged["sdd"][0], pixel_spacing=tuple(merged["pixel_spacing"][0]), size=(w, h), principal_point=pp)
+            cam = Camera(sdd=merged["sdd"][0], pixel_spacing=tuple(merged["pixel_spacing"][0]), size=(w, h), principal_point=pp,
+                         focal_px=None if focal is None else focal[0])
         except ValueError as err:
             raise ValueError(f"invalid X-ray geometry for {p} ({metadata['geometry_sources']}): {err}") from None
 
