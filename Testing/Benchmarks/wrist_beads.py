@@ -19,7 +19,8 @@ Steps:
 5. for contrast, repeat steps 3-4 with the calibration read in the *other* plausible
    conventions (R, t taken as camera-to-world; image y up, i.e. rows counted from the bottom):
    a wrong convention leaves almost no bead with an epipolar partner;
-6. save a picture of the detected (circles) and reprojected (crosses) beads in both views.
+6. save a picture of the detected (circles) and reprojected (crosses) beads in both views
+   (``beads.png``), and one of the field-of-view masks and polarity decisions (``fov_masks.png``).
 
     python Testing/Benchmarks/wrist_beads.py [--data DIR] [--frame 0002] [--out DIR] [--json]
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from CorrRegLib.fov_mask import detect_fov_mask
+from CorrRegLib.polarity import detect_polarity
 from CorrRegLib.geometry import Camera, invert_pose
 from CorrRegLib.io import read_xray
 from CorrRegLib.io.calibration import Calibration, read_calibration
@@ -257,7 +259,30 @@ def save_picture(path: Path, images, masks, beads, result, crop_margin: int = 60
                  f"{e[0]:.2f} px (view 1), {e[1]:.2f} px (view 2)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=85)
+    plt.close(fig)
+
+
+def save_mask_picture(path: Path, images, masks, polarity, titles) -> None:
+    """Each raw image with the masked-out pixels tinted red, and the polarity decision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(images), figsize=(6.5 * len(images), 7.0), constrained_layout=True)
+    for ax, img, m, pol, title in zip(np.atleast_1d(axes), images, masks, polarity, titles):
+        g = np.clip(img[::2, ::2] / max(float(img.max()), 1.0), 0, 1)
+        rgb = np.stack([g, g, g], -1)
+        out = ~m[::2, ::2]
+        rgb[out] = 0.45 * rgb[out] + 0.55 * np.array([0.9, 0.1, 0.1])
+        ax.imshow(rgb, extent=(0, img.shape[1], img.shape[0], 0))
+        ax.set_title(f"{title}\nmask: {m.mean():.1%} usable; polarity: bone {pol['decision']} ({pol['confidence']}), "
+                     f"air {pol['air_high_fraction']:.0%} at the bright end", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -284,13 +309,14 @@ def main(argv=None) -> int:
     xr_paths = [args.xray1 or find("xray", f"*cam01*.{args.frame}.tif"), args.xray2 or find("xray", f"*cam02*.{args.frame}.tif")]
     cal_paths = [args.calib1 or find("calibration", "*cam01*.txt"), args.calib2 or find("calibration", "*cam02*.txt")]
     t0 = time.perf_counter()
-    images, masks, beads, cals = [], [], [], []
+    images, masks, beads, cals, polarities = [], [], [], [], []
     for xp, cp in zip(xr_paths, cal_paths):
         xr = read_xray(xp, require_camera=False)
         cal = read_calibration(cp, image_size=xr.size)
         img = xr.image.numpy().astype(np.float64)
         mask = detect_fov_mask(img)
         uv, _ = detect_beads(img, mask, min_response=args.min_response)
+        polarities.append(detect_polarity(img, mask)[1])
         images.append(img)
         masks.append(mask)
         beads.append(uv)
@@ -303,6 +329,7 @@ def main(argv=None) -> int:
                           "max_reprojection_px": alt.get("max_reprojection_px")}
     args.out.mkdir(parents=True, exist_ok=True)
     save_picture(args.out / "beads.png", images, masks, beads, result)
+    save_mask_picture(args.out / "fov_masks.png", images, masks, polarities, [p.name for p in xr_paths])
     report = {
         "xrays": [str(p) for p in xr_paths],
         "calibrations": [str(p) for p in cal_paths],
@@ -316,7 +343,10 @@ def main(argv=None) -> int:
         "rms_reprojection_px": result.get("rms_reprojection_px"),
         "beads": result["beads"],
         "wrong_conventions": contrast,
+        "fov_mask_usable_fraction": [round(float(m.mean()), 4) for m in masks],
+        "polarity": [{k: v for k, v in p.items() if k != "noise_per_grey_bin"} for p in polarities],
         "picture": str(args.out / "beads.png"),
+        "mask_picture": str(args.out / "fov_masks.png"),
         "runtime_s": round(time.perf_counter() - t0, 1),
     }
     (args.out / "beads.json").write_text(json.dumps(report, indent=2) + "\n")
