@@ -124,7 +124,7 @@ def cmd_simulate(args) -> dict:
     from .outputs import Output, check_outputs
     from .simulate import simulate_xray
 
-    check_outputs([Output("--out", args.out, "xray")], {"--ct": args.ct, "--pose": args.pose, "--camera": args.camera})
+    check_outputs([Output("--out", args.out, "xray")], {**_ct_inputs(args), "--pose": args.pose, "--camera": args.camera})
     device = pick_device(args.device)
     camera = _camera_from_args(args)
     pose = read_pose_json(args.pose)
@@ -171,9 +171,19 @@ def _register_io(args):
 
     outputs = [Output("--output", args.output, "pose"), Output("--transform", args.transform, "transform"),
                Output("--drr", args.drr, "xray"), Output("--overlay", args.overlay, "picture")]
-    inputs = {"--ct": args.ct, "--xray": args.xray, "--camera": args.camera, "--init": args.init,
-              "--model": args.model, "--targets": args.targets, "--truth": args.truth}
+    inputs = {**_ct_inputs(args), "--xray": args.xray, "--camera": args.camera, "--init": args.init,
+              "--model": args.model, "--targets": args.targets, "--truth": args.truth,
+              "--calibration": getattr(args, "calibration", None),
+              "--camera-from-world": getattr(args, "camera_from_world", None)}
+    mask = getattr(args, "mask", None)
+    if mask not in (None, "auto", "none"):
+        inputs["--mask"] = mask
     return outputs, inputs
+
+
+def _ct_inputs(args) -> dict:
+    """--ct and the CT geometry file that may come with it, as outputs.check_outputs inputs."""
+    return {"--ct": args.ct, "--ct-geometry": getattr(args, "ct_geometry", None)}
 
 
 def cmd_register(args) -> dict:

@@ -42,6 +42,9 @@ FORMATS: dict[str, tuple[str, ...] | None] = {
 }
 FORMATS["xray"] = FORMATS["image"]  # an image written with its <stem>.camera.json side-car
 
+#: Side-cars a reader takes from beside an image: an X-ray's camera, a CT's geometry.
+INPUT_SIDECARS = (".camera.json", ".geometry.json")
+
 _PARTIAL_PREFIX = ".corrreg-partial-"
 _PROBE_PREFIX = ".corrreg-probe-"
 # Files a detached-header image writes beside its header (ITK's MetaImage and NRRD writers).
@@ -97,15 +100,15 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def companion_files(path: PathLike, sidecar: bool = True) -> list[Path]:
-    """Files read or written along with an image file: the ``<stem>.camera.json`` side-car
-    (with ``sidecar``) and, for detached headers (.mhd, .nhdr), the voxel data file named in the
-    header (or, for a file not written yet, the names ITK gives it)."""
+def companion_files(path: PathLike, sidecars: Sequence[str] = (".camera.json",)) -> list[Path]:
+    """Files read or written along with an image file: its side-cars ``<stem><sidecar>`` and,
+    for detached headers (.mhd, .nhdr), the voxel data file named in the header (or, for a file
+    not written yet, the names ITK gives it)."""
     from .io._common import _stem
 
     p = _p(path)
     suf = _suffix(p)
-    out = [p.parent / f"{_stem(p)}.camera.json"] if sidecar else []
+    out = [p.parent / f"{_stem(p)}{s}" for s in sidecars]
     if suf in _DATA_FILES:
         out += [p.parent / f"{_stem(p)}{s}" for s in _DATA_FILES[suf]]
         if p.is_file():
@@ -162,10 +165,10 @@ def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Seq
     cannot be written or would overwrite an input.
 
     ``outputs``: the files (and ``kind="folder"`` folders) the command will write; None paths
-    are skipped. Image outputs (kinds "xray", "image") also cover their side-car camera JSON and,
-    for .mhd/.nhdr, their data file. ``inputs``: label -> path (or paths) of everything the
-    command reads; an X-ray's or image's side-car camera JSON and detached data files count as
-    inputs too, and no output may lie inside an input folder.
+    are skipped. Image outputs (kinds "xray", "image") also cover, for .mhd/.nhdr, their data
+    file, and "xray" its side-car camera JSON. ``inputs``: label -> path (or paths) of everything
+    the command reads; an input's side-cars (:data:`INPUT_SIDECARS`) and detached data files
+    count as inputs too, and no output may lie inside an input folder.
     """
     ins: list[tuple[str, Path]] = []
     for label, value in (inputs or {}).items():
@@ -174,7 +177,7 @@ def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Seq
         for v in ([value] if isinstance(value, (str, os.PathLike)) else value):
             p = _p(v)
             ins.append((label, p))
-            ins += [(f"{label} (its {c.name})", c) for c in companion_files(p) if c.exists()]
+            ins += [(f"{label} (its {c.name})", c) for c in companion_files(p, INPUT_SIDECARS) if c.exists()]
     written: list[tuple[str, Path]] = []
     for out in outputs:
         if out.path is None:
@@ -185,7 +188,8 @@ def check_outputs(outputs: Iterable[Output], inputs: Mapping[str, PathLike | Seq
         folder = out.kind == "folder"
         files = [(out.label, p)]
         if out.kind in ("xray", "image"):
-            files += [(f"{out.label} (its {c.name})", c) for c in companion_files(p, sidecar=out.kind == "xray")]
+            sidecars = (".camera.json",) if out.kind == "xray" else ()
+            files += [(f"{out.label} (its {c.name})", c) for c in companion_files(p, sidecars)]
         for label, f in files:
             for in_label, src in ins:
                 if _same_file(f, src):
