@@ -558,3 +558,28 @@ def test_staged_outputs_appear_together_on_commit_only(P, tmp_path):
     write_pose_json(P.truth, outputs.path(tmp_path / "new" / "deeper" / "p.json"))
     outputs.abort()
     assert not (tmp_path / "new").exists() and not list(tmp_path.rglob(".corrreg-*"))
+
+
+def test_an_interrupted_register_leaves_the_old_outputs(P, tmp_path):
+    """SIGINT (Ctrl-C) while `corrreg register` runs: exit 130, the previous pose JSON and DRR are
+    untouched, nothing staged is left behind."""
+    import signal
+    import sys
+    import time
+
+    _old_file(tmp_path, P.dir)
+    old_drr = write_xray(P.image, tmp_path / "drr.nrrd", camera=CAMERA)
+    before = _snapshot(tmp_path)
+    cmd = [sys.executable, "-m", "CorrRegLib.cli", "register", "--ct", str(P.dir / "ct.nrrd"), "--xray",
+           str(P.dir / "xray.nrrd"), "--init", str(P.dir / "init.json"), "--method", "cmaes", "--threads", "1",
+           "--output", str(tmp_path / "pose.json"), "--drr", str(old_drr)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    seen, deadline = "", time.monotonic() + 120
+    while "register (" not in seen and time.monotonic() < deadline:  # the progress bar: registration runs
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    err = seen + proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert _snapshot(tmp_path) == before
+    assert not list(tmp_path.rglob(".corrreg-*"))
