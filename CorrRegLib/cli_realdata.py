@@ -115,7 +115,7 @@ def read_view(args, xray_path, calibration=None, polarity: str | None = None, ma
     flags for this view (biplane: each view's own calibration, polarity, mask)."""
     from .geometry import Camera
     from .io import read_xray
-    from .io.calibration import read_calibration, with_pixel_spacing
+    from .io.calibration import read_calibration
     from .preprocess import prepare_xray
 
     cal_path = calibration if calibration is not None else getattr(args, "calibration", None)
@@ -138,10 +138,10 @@ def read_view(args, xray_path, calibration=None, polarity: str | None = None, ma
         else:
             fx, fy, cx, cy = intr
             camera = Camera.from_intrinsics([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], size, tuple(spacing) if spacing else None)
-        if pp is not None:
-            camera = with_pixel_spacing(Camera.from_intrinsics(
-                [[camera.intrinsics()[0, 0].item(), 0, pp[0]], [0, camera.intrinsics()[1, 1].item(), pp[1]], [0, 0, 1]],
-                camera.size), camera.pixel_spacing[0])
+        if pp is not None:  # --principal-point moves (cx, cy) and keeps fx, fy and the pixel size
+            k = camera.intrinsics()
+            fx, fy = float(k[0, 0]), float(k[1, 1])
+            camera = Camera.from_intrinsics([[fx, 0, pp[0]], [0, fy, pp[1]], [0, 0, 1]], camera.size, camera.pixel_spacing[0])
         xr = read_xray(xray_path, camera=camera)
     else:
         xr = read_xray(xray_path, camera_json=camera_json, sdd=sdd, pixel_spacing=spacing, principal_point=pp)

@@ -103,6 +103,9 @@ def test_register_view_flags(tmp_path):
     pose = torch.eye(4, dtype=torch.float64)
     pose[2, 3] = 50.0
     assert torch.allclose(torch.tensor(view.report(pose)["world_from_ct"], dtype=torch.float64)[2, 3], torch.tensor(-750.0, dtype=torch.float64))
+    moved = read_view(parse("--calibration", str(tmp_path / "cam.txt"), "--principal-point", "30", "20", "--mask", "none"),
+                      tmp_path / "x.nrrd")
+    assert torch.equal(moved.xray.camera.intrinsics(), torch.tensor([[1500, 0, 30.0], [0, 1510, 20.0], [0, 0, 1]], dtype=torch.float64))
     forced = read_view(parse("--calibration", str(tmp_path / "cam.txt"), "--polarity", "bright", "--mask", "none"), tmp_path / "x.nrrd")
     np.testing.assert_array_equal(forced.xray.image.numpy(), img)
     # --intrinsics with a physical pixel size; conflicting flags are refused with the fix
