@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
                    "--resume or --overwrite, a folder holding a model is refused)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress-json", action="store_true", help="instead of the progress bar, one JSON object per "
+                   "step on stderr: {\"done\", \"steps\", \"loss\", ...} (for GUIs)")
     add_common_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -93,8 +95,17 @@ def cmd_train(args) -> dict:
     camera = read_camera_json(args.camera) if args.camera else PAPER_CAMERA
     vols, labs = _load_cts(args.ct, args.labels)
     res = train(vols, camera, args.out, preset=args.preset, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                seed=args.seed, device=device, resume=args.resume, labels=labs, progress=not args.quiet,
-                validate_every=args.validate_every, overwrite=args.overwrite)
+                seed=args.seed, device=device, resume=args.resume, labels=labs,
+                progress=not (args.quiet or args.progress_json), validate_every=args.validate_every,
+                overwrite=args.overwrite, on_step=_print_progress_json if args.progress_json else None)
     return {"model_dir": str(res.out_dir), "device": str(device), "preset": args.preset, "steps": res.steps,
             "train_s": res.seconds, "validation": res.validation[-1] if res.validation else None,
             "validation_before": res.validation[0] if res.validation else None}
+
+
+def _print_progress_json(record: dict) -> None:
+    """One line of JSON per training step on stderr (``--progress-json``)."""
+    import json
+    import sys
+
+    print(json.dumps({"event": "step", **record}), file=sys.stderr, flush=True)

@@ -505,6 +505,7 @@ def train(
     xray_pool: int = 128,
     stop_after: int | None = None,
     overwrite: bool = False,
+    on_step=None,
     **config_overrides,
 ) -> TrainResult:
     """Train (or resume training) a network on ``cts`` seen through ``camera``.
@@ -520,6 +521,8 @@ def train(
     512 x 512 CT trains as fast as its detector footprint allows and on the DRRs it will meet.
     A folder that already holds a model is refused unless ``resume`` or ``overwrite`` is set
     (:func:`check_model_dir`); checkpoints replace the folder's files together and atomically.
+    ``on_step(record)``, if given, is called after every step with that step's losses and
+    ``{"done": steps done, "steps": steps}`` (``corrreg train --progress-json`` prints them).
     """
     t_start = time.perf_counter()
     if not cts:
@@ -655,6 +658,8 @@ def train(
             bar.set_postfix(appro=f"{h['appro']:.3f}", decomp=f"{h['decomp']:.3f}", cos_r=f"{h['cos_r']:+.2f}",
                             cos_t=f"{h['cos_t']:+.2f}")
         done = step + 1
+        if on_step is not None:
+            on_step(dict(h, done=done, steps=end))
         if validate_every and done % validate_every == 0 and done < end:
             validation.append(run_validation(done))
             if bar is not None:
