@@ -37,7 +37,8 @@ def test_intensity_recovers_moderate_offsets(phantom, setup):
     cam = protocol.camera
     errors, initial = [], []
     for case in make_cases(protocol, iso, 10, seed=2024):
-        res = register(phantom.volume, xray_for(phantom, cam, case.true_pose, case.index), cam, case.initial_pose)
+        res = register(phantom.volume, xray_for(phantom, cam, case.true_pose, case.index), cam, case.initial_pose,
+                       method="intensity")
         initial.append(float(mtre(case.initial_pose, case.true_pose, phantom.landmarks)))
         errors.append(float(mtre(res.pose, case.true_pose, phantom.landmarks)))
         assert not res.flagged, res.message
@@ -71,7 +72,8 @@ def test_session_steps_cancels_and_keeps_the_best_pose(phantom, setup):
     protocol, iso = setup
     cam = protocol.camera
     case = make_cases(protocol, iso, 1, seed=7)[0]
-    session = RegistrationSession(phantom.volume, xray_for(phantom, cam, case.true_pose, 0), cam, case.initial_pose)
+    session = RegistrationSession(phantom.volume, xray_for(phantom, cam, case.true_pose, 0), cam, case.initial_pose,
+                                  method="intensity")
     first = session.step(3)
     assert first.iteration == 3 and not first.done
     assert 0 < first.progress < 1
@@ -97,7 +99,7 @@ def test_start_at_truth_stays_at_truth(phantom, setup):
     protocol, iso = setup
     cam = protocol.camera
     truth = make_cases(protocol, iso, 1, seed=3)[0].true_pose
-    res = register(phantom.volume, xray_for(phantom, cam, truth, 1), cam, truth)
+    res = register(phantom.volume, xray_for(phantom, cam, truth, 1), cam, truth, method="intensity")
     # the same sub-millimetre criterion as the accuracy test: what is left is depth noise
     assert float(mtre(res.pose, truth, phantom.landmarks)) < 1.0
 
@@ -107,7 +109,8 @@ def test_divergence_returns_the_best_pose_flagged(phantom, setup):
     cam = protocol.camera
     case = make_cases(protocol, iso, 1, seed=11)[0]
     wild = RegistrationOptions(levels=(Level(32, 50, 5000.0, "ncc"),), patience=50)
-    res = register(phantom.volume, xray_for(phantom, cam, case.true_pose, 2), cam, case.initial_pose, options=wild)
+    res = register(phantom.volume, xray_for(phantom, cam, case.true_pose, 2), cam, case.initial_pose, method="intensity",
+                   options=wild)
     assert res.flagged and "field of view" in res.message
     assert torch.isfinite(res.pose).all() and math.isfinite(res.loss)
     # the best pose is the best seen, not the last one: no worse than the start
@@ -120,7 +123,7 @@ def test_collimated_xray_registers_with_its_mask(phantom, setup):
     case = make_cases(protocol, iso, 1, seed=5)[0]
     sim = simulate_xray(phantom.volume, cam, case.true_pose, collimation=(0.1, 0.05, 0.9, 0.95), seed=3)
     assert not bool(sim.mask.all())
-    res = register(phantom.volume, sim.image, cam, case.initial_pose, mask=sim.mask)
+    res = register(phantom.volume, sim.image, cam, case.initial_pose, mask=sim.mask, method="intensity")
     assert float(mtre(res.pose, case.true_pose, phantom.landmarks)) < 1.5
 
 

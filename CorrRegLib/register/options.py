@@ -1,0 +1,109 @@
+"""The knobs of every registration stage, in one frozen dataclass (docs/registration.md).
+
+Lengths are millimetres, angles degrees, detector sizes pixels of the level's width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution of the coarse-to-fine schedule.
+
+    ``detector_px`` is the detector width to render at (capped at the X-ray's own width);
+    ``volume_factor`` the CT downsampling (None: the largest power of two whose voxels stay no
+    bigger than ``voxel_slack`` times the level's pixel footprint at the isocenter).
+    """
+
+    detector_px: int
+    max_iterations: int
+    lr_mm: float
+    similarity: str | None = None  # None: RegistrationOptions.similarity
+    volume_factor: int | None = None
+    voxel_slack: float = 1.25
+
+
+@dataclass(frozen=True)
+class RegistrationOptions:
+    # ---- gradient refinement -------------------------------------------------------------------
+    # Patch NCC finishes: unlike global NCC its optimum is not biased in depth by scatter or a
+    # heel effect (global NCC's is, by 2-3 mm on the phantom; docs/registration.md).
+    similarity: str = "patch_ncc"
+    # The coarse levels use global NCC: the widest basin, and patch terms are too few there.
+    # The 16 px level keeps large in-plane offsets from locking onto a neighbouring vertebra.
+    levels: tuple[Level, ...] = (
+        Level(16, 100, 6.0, "ncc"),
+        Level(32, 100, 3.0, "ncc"),
+        Level(64, 60, 1.0),
+        Level(128, 30, 0.3, voxel_slack=1.0),
+    )
+    rotation_scale_mm: float = 100.0
+    patience: int = 15
+    # Depth is seen only through magnification: its loss gains are tiny, so stop only when
+    # the loss really stalls.
+    min_improvement: float = 1e-6
+    samples_per_voxel: float = 1.0
+    # False: stop after the global search (CMA-ES alone / network alone), no gradient refinement.
+    refine: bool = True
+
+    # ---- the plausible region (every stage stays inside it) --------------------------------------
+    # The isocenter (the CT's bone centroid, or the given one) stays in front of every source at a
+    # depth within (1 +- depth_range) x its depth at the initial pose, and projects inside every
+    # detector at least ``detector_margin`` x the detector's size from its edges.
+    depth_range: float = 0.3
+    detector_margin: float = 0.05
+    # Search-space limit of the global searches: rotation offsets from the initial pose (degrees,
+    # per axis); the protocols' initial guesses are off by N(0, 20 deg) at most (DESIGN.md).
+    max_rotation_deg: float = 60.0
+
+    # ---- similarity region ---------------------------------------------------------------------
+    # Similarities are taken over the X-ray's usable pixels (its mask) that lie where the CT
+    # projects, grown by this margin (a fraction of the detector width): a CT that holds one bone
+    # or a crop is compared with the part of the image it can explain, not with the whole image.
+    roi_margin: float = 0.06
+
+    # ---- global grid search (methods "auto" and "cmaes" start with it) ---------------------------
+    # Rotations: every combination of these offsets (degrees, about the camera axes through the
+    # isocenter) at each depth factor; the in-plane position is searched exhaustively for each by
+    # masked normalised cross-correlation, over shifts up to ``grid_shift`` x the detector width.
+    grid_rotations_deg: tuple[float, ...] = (-50.0, -25.0, 0.0, 25.0, 50.0)
+    grid_depths: tuple[float, ...] = (0.85, 1.0, 1.15)
+    grid_level: Level = Level(32, 0, 0.0, "gradient_ncc")
+    grid_shift: float = 0.5
+    grid_candidates: int = 6
+    # The candidates are refined together at these levels, then ranked by the verification score.
+    candidate_levels: tuple[Level, ...] = (Level(16, 60, 6.0, "ncc"), Level(32, 60, 3.0, "ncc"))
+
+    # ---- CMA-ES (method "cmaes" after the grid; "hybrid_cmaes") ---------------------------------
+    cmaes_sigma: tuple[float, ...] = (20.0, 20.0, 20.0, 30.0, 30.0, 60.0)
+    cmaes_population: int = 24
+    cmaes_generations: int = 60
+    cmaes_similarity: str = "ncc"
+    cmaes_level: Level = Level(32, 0, 0.0)
+
+    # ---- network-guided descent (methods "network", "hybrid", "auto" with a model) --------------
+    # Unit steps along the network's pose gradient, rotation and translation parts normalised
+    # separately (as L_appro trains them), shrinking geometrically; stops when the smoothed score
+    # stalls.
+    network_iterations: int = 120
+    network_step_deg: float = 2.0
+    network_step_mm: float = 6.0
+    network_decay: float = 0.97
+    network_patience: int = 20
+    # "hybrid" only: a local CMA-ES search between the network and the refinement (the paper
+    # follows every learned method with CMA-ES), with these offsets in degrees and mm.
+    hybrid_cmaes: bool = False
+    hybrid_cmaes_sigma: tuple[float, ...] = (5.0, 5.0, 5.0, 10.0, 10.0, 20.0)
+
+    # ---- verification (docs/registration.md) -----------------------------------------------------
+    # A result counts as registered when its consistency (verify.py: how the similarity falls
+    # around it relative to the DRR's own decorrelation, about 1 at a registered pose) reaches
+    # this bar; otherwise the next attempt runs (the next grid candidate, or the global search
+    # after the network), and the most consistent attempt is kept, flagged when none verifies.
+    # None: no check (the paper's ProST-style pipelines).
+    fallback_below: float | None = 0.75
+    verify_level: Level = Level(64, 0, 0.0, "ncc")
+    max_attempts: int = 3
+    seed: int = 0

@@ -1,0 +1,136 @@
+"""Which stages each method runs, and the attempts-until-verified loop that runs them.
+
+A pipeline is a list of attempts, each a list of stages that starts from the initial pose (or
+takes a candidate of an earlier global search). After every attempt the result is verified;
+the first verified attempt ends the run, otherwise the next one runs, and in the end the
+attempt with the best evidence is kept, ``flagged`` when none verified.
+
+| method | attempts |
+|---|---|
+| intensity | refinement |
+| cmaes | bounded CMA-ES + refinement |
+| network | network descent |
+| hybrid | network descent + refinement; then the global search's candidates |
+| auto | hybrid with a model for this C-arm, else: the global search's candidates in turn |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .network import NetworkDescent
+from .options import RegistrationOptions
+from .refine import GradientRefinement
+from .search import CandidateRefinement, CmaesSearch, GridSearch, TakeCandidate
+from .state import RunState
+from .verify import Evidence, Verifier
+
+
+@dataclass
+class Attempt:
+    label: str
+    stages: list = field(default_factory=list)
+
+    def planned(self, problem) -> int:
+        return sum(s.planned(problem) for s in self.stages)
+
+    def available(self, state: RunState) -> bool:
+        """Whether the attempt can start (one that begins by taking a candidate needs it to exist)."""
+        first = self.stages[0] if self.stages else None
+        return getattr(first, "available", lambda _: True)(state)
+
+
+def global_search_attempts(o: RegistrationOptions, verifier: Verifier, first_label: str = "global search") -> list[Attempt]:
+    """Grid search, refinement of its candidates, then each candidate refined to the finest level."""
+    coarse_px = max(lv.detector_px for lv in o.candidate_levels)
+    fine = [lv for lv in o.levels if lv.detector_px > coarse_px] if o.refine else []
+    search = [GridSearch(o.grid_rotations_deg, o.grid_depths, o.grid_level, o.grid_shift, o.grid_candidates),
+              CandidateRefinement(o.candidate_levels, verifier)]
+    out = [Attempt(first_label, search + [TakeCandidate(0)] + ([GradientRefinement(fine)] if fine else []))]
+    for k in range(1, max(1, o.max_attempts)):
+        out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + ([GradientRefinement(fine)] if fine else [])))
+    return out
+
+
+def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, network=None) -> list[Attempt]:
+    """The attempts of ``method`` ("auto" already resolved to "hybrid" or "search")."""
+    refine = [GradientRefinement(o.levels)] if o.refine else []
+    if method == "intensity":
+        return [Attempt("intensity", refine)]
+    if method == "cmaes":
+        cmaes = CmaesSearch(o.cmaes_sigma, o.cmaes_population, o.cmaes_generations, o.cmaes_level,
+                            o.cmaes_similarity, o.seed)
+        return [Attempt("cmaes", [cmaes] + refine)]
+    if method == "search":
+        return global_search_attempts(o, verifier)
+    descent = NetworkDescent(network, o.network_iterations, o.network_step_deg, o.network_step_mm,
+                             o.network_decay, o.network_patience)
+    if method == "network":
+        return [Attempt("network", [descent])]
+    if method == "hybrid":
+        stages = [descent]
+        if o.hybrid_cmaes:
+            stages.append(CmaesSearch(o.hybrid_cmaes_sigma, o.cmaes_population, o.cmaes_generations, o.cmaes_level,
+                                      o.cmaes_similarity, o.seed))
+        first = Attempt("network", stages + refine)
+        if o.fallback_below is None:
+            return [first]
+        return [first] + global_search_attempts(o, verifier, "global search")[: max(0, o.max_attempts - 1)]
+    raise ValueError(f"unknown pipeline {method!r}")
+
+
+class Pipeline:
+    """Runs attempts until one verifies (see the module docstring)."""
+
+    def __init__(self, attempts: list[Attempt], verifier: Verifier | None) -> None:
+        self.attempts = attempts
+        self.verifier = verifier
+        self.done: list[tuple[Evidence, object, float, str, str]] = []  # (evidence, pose, loss, stage, label)
+        self.current: Attempt | None = None
+        self.concluded = False
+
+    def planned_first(self, problem) -> int:
+        return self.attempts[0].planned(problem)
+
+    def run(self, problem, state: RunState, extend_plan) -> Iterator[None]:
+        for k, attempt in enumerate(self.attempts):
+            if k > 0:
+                if not attempt.available(state):
+                    break
+                state.restart(problem.initial_pose, f"{attempt.label}: ")
+                extend_plan(attempt.planned(problem))
+            self.current = attempt
+            for stage in attempt.stages:
+                yield from stage.run(problem, state)
+            self.current = None
+            if self.verifier is None:
+                return
+            ev = self.verifier.evidence(problem, state.best_pose)
+            self.done.append((ev, state.best_pose.clone(), state.best_loss, state.stage, attempt.label))
+            if ev.verified:
+                break
+        self.conclude(problem, state)
+
+    def conclude(self, problem, state: RunState) -> None:
+        """Keep the best attempt (including one cut short by a cancel); say what was checked."""
+        if self.verifier is None or self.concluded:
+            return
+        self.concluded = True
+        if self.current is not None:  # cancelled mid-attempt: judge what it reached
+            ev = self.verifier.evidence(problem, state.best_pose)
+            self.done.append((ev, state.best_pose.clone(), state.best_loss, state.stage, self.current.label))
+            self.current = None
+        if not self.done:
+            return
+        best = max(self.done, key=lambda t: t[0].score)
+        ev, pose, loss, stage, label = best
+        state.best_pose, state.best_loss, state.stage = pose.clone(), loss, stage
+        state.evidence = ev
+        tried = len(self.done)
+        if ev.verified:
+            if tried > 1:
+                state.messages.append(f"verified after {tried} attempts (kept '{label}': {ev.describe()})")
+        else:
+            state.flag(f"unverified result: {tried} attempt(s), none verified; kept '{label}' ({ev.describe()}); "
+                       "check the overlay")

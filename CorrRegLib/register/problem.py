@@ -1,0 +1,151 @@
+"""What every stage works on: the CT, the views, the plausible region, and their caches.
+
+Poses handled here are ``camera_from_ct`` of the reference view (the first X-ray), float64 on
+the CPU (MPS has no float64); the projectors move float32 copies to the device and autograd
+carries gradients back. Similarities are averaged over the views, each taken over the view's
+usable pixels where the CT projects (grown by ``roi_margin``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..geometry import Camera, invert_pose, transform_points
+from ..projector import Projector
+from ..similarity import get_similarity
+from ..volume import Volume
+from .bounds import PoseBounds
+from .options import Level, RegistrationOptions
+from .views import View
+
+Tensor = torch.Tensor
+
+#: A DRR pixel counts as "the CT projects here" above this fraction of the image's maximum.
+SUPPORT_FRACTION = 0.02
+
+
+def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) image area-averaged to (H', W') = size."""
+    if tuple(img.shape[-2:]) == size:
+        return img
+    return F.adaptive_avg_pool2d(img, size)
+
+
+def grow(mask: Tensor, radius: int) -> Tensor:
+    """(B, 1, H, W) float mask dilated by a square of half-width ``radius`` pixels."""
+    if radius <= 0:
+        return mask
+    return F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)
+
+
+class Problem:
+    """The registration problem: CT, views, isocenter, options, and cached pyramids/projectors."""
+
+    def __init__(self, volume: Volume, views: list[View], isocenter: Tensor, initial_pose: Tensor,
+                 device: torch.device, options: RegistrationOptions) -> None:
+        self.volume = volume
+        self.views = views
+        self.device = device
+        self.options = options
+        self.isocenter = torch.as_tensor(isocenter, dtype=torch.float64).reshape(3)
+        ref_inv = invert_pose(views[0].camera_from_world)
+        #: view_from_ref[i] maps the reference camera's frame into view i's.
+        self.view_from_ref = [v.camera_from_world @ ref_inv for v in views]
+        self.initial_pose = initial_pose
+        self.bounds = PoseBounds(self.isocenter, initial_pose, [(t, v.camera) for t, v in zip(self.view_from_ref, views)],
+                                 options.depth_range, options.detector_margin)
+        self._depth = [float(transform_points(t @ initial_pose, self.isocenter.reshape(1, 3))[0, 2])
+                       for t in self.view_from_ref]
+        self._pyramid: dict[int, Volume] = {1: volume}
+        self._projectors: dict[tuple, Projector] = {}
+        self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    # ---- frames --------------------------------------------------------------------------------
+    def world_pose(self, ref_pose: Tensor) -> Tensor:
+        """world_from_ct of a reference-view pose (the reference view's camera_from_ct for one view)."""
+        return invert_pose(self.views[0].camera_from_world) @ ref_pose
+
+    def ref_pose(self, world_pose: Tensor) -> Tensor:
+        return self.views[0].camera_from_world @ world_pose
+
+    def view_poses(self, ref_pose: Tensor) -> list[Tensor]:
+        """camera_from_ct of every view."""
+        return [t @ ref_pose for t in self.view_from_ref]
+
+    # ---- resolution ----------------------------------------------------------------------------
+    def level_camera(self, view: int, level: Level) -> Camera:
+        cam = self.views[view].camera
+        return cam.downsample(max(1.0, cam.width / max(1, level.detector_px)))
+
+    def volume_factor(self, view: int, level: Level) -> int:
+        if level.volume_factor is not None:
+            return int(level.volume_factor)
+        cam = self.level_camera(view, level)
+        pixel_at_iso = max(cam.pixel_spacing) * self._depth[view] / cam.sdd
+        return self.volume.pool_factor(pixel_at_iso, level.voxel_slack)
+
+    def pooled_volume(self, factor: int) -> Volume:
+        vol = self._pyramid.get(factor)
+        if vol is None:
+            vol, f = self.volume, 1
+            while f < factor:
+                f *= 2
+                vol = self._pyramid.get(f) or vol.downsample(2)
+                self._pyramid[f] = vol
+        return vol
+
+    def projector(self, view: int, level: Level, camera: Camera | None = None) -> Projector:
+        """The projector of ``view`` at ``level`` (or on another ``camera``, e.g. a search canvas)."""
+        cam = camera or self.level_camera(view, level)
+        vf = self.volume_factor(view, level)
+        key = (cam, vf)
+        if key not in self._projectors:
+            self._projectors[key] = Projector(self.pooled_volume(vf).to(self.device), cam,
+                                              samples_per_voxel=self.options.samples_per_voxel).to(self.device)
+        return self._projectors[key]
+
+    def fixed(self, view: int, camera: Camera) -> tuple[Tensor, Tensor | None]:
+        """The view's X-ray (1, 1, h, w) and usable-pixel mask (float, or None) at ``camera``'s size."""
+        size = (camera.height, camera.width)
+        key = (view, size)
+        if key not in self._fixed:
+            v = self.views[view]
+            img = resize(v.image[None, None].to(self.device), size)
+            mask = None
+            if v.mask is not None:
+                mask = (resize(v.mask[None, None].float().to(self.device), size) > 0.99).float()
+            self._fixed[key] = (img, mask)
+        return self._fixed[key]
+
+    # ---- rendering and similarity ----------------------------------------------------------------
+    def render(self, ref_poses: Tensor, view: int, level: Level) -> Tensor:
+        """DRRs (B, 1, h, w) of ``view`` at ``level`` for (B, 4, 4) reference poses (differentiable)."""
+        poses = self.view_from_ref[view].to(ref_poses) @ ref_poses
+        return self.projector(view, level)(poses.float())
+
+    def roi(self, drr: Tensor, fov: Tensor | None) -> Tensor:
+        """(B, 1, h, w) float mask: where the CT projects (grown by ``roi_margin``), inside ``fov``."""
+        d = drr.detach()
+        support = (d > SUPPORT_FRACTION * d.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(d.dtype)
+        mask = grow(support, max(1, round(self.options.roi_margin * d.shape[-1])))
+        return mask if fov is None else mask * fov
+
+    def similarity(self, ref_poses: Tensor, level: Level, name: str | None = None) -> tuple[Tensor, list[Tensor]]:
+        """(B,) similarity averaged over the views, and the DRRs; differentiable in the poses."""
+        sim = get_similarity(name or level.similarity or self.options.similarity)
+        total, drrs = 0.0, []
+        for v in range(len(self.views)):
+            drr = self.render(ref_poses, v, level)
+            fixed, fov = self.fixed(v, self.level_camera(v, level))
+            total = total + sim(fixed, drr, self.roi(drr, fov))
+            drrs.append(drr)
+        return total / len(self.views), drrs
+
+    def shows_anatomy(self, drrs: list[Tensor]) -> Tensor:
+        """(B,) bool: the CT projects onto every view's detector."""
+        ok = None
+        for d in drrs:
+            here = (d.detach().flatten(1) > 1e-3).float().mean(1) > 0.005
+            ok = here if ok is None else ok & here
+        return ok.cpu()
