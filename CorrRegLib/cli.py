@@ -248,10 +248,10 @@ def _options(args):
     from .register import RegistrationOptions
 
     kw = {}
-    verify = getattr(args, "verify_ncc", None)
+    verify = getattr(args, "verify", None)
     if verify is not None:
-        if not 0.0 <= verify <= 1.0:
-            raise ValueError(f"--verify-ncc must lie in [0, 1] (0 turns the check off), got {verify}")
+        if not 0.0 <= verify <= 1.5:
+            raise ValueError(f"--verify must lie in [0, 1.5] (0 turns verification off), got {verify}")
         kw["fallback_below"] = verify if verify > 0 else None
     return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, **kw)
 
@@ -407,8 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="POSE.json", help="initial camera_from_ct pose; default: DICOM positioner angles, else the AP view")
     p.add_argument("--sod", type=finite_float, help="source-to-isocenter distance for a default initial pose (mm); "
                    "default: the X-ray's DICOM DistanceSourceToPatient, else 700")
-    p.add_argument("--method", default="intensity", choices=["intensity", "cmaes", "network", "hybrid"], help="registration pipeline")
-    p.add_argument("--model", metavar="MODEL_DIR", help="trained network for network/hybrid")
+    p.add_argument("--method", default="auto", choices=["auto", "intensity", "cmaes", "network", "hybrid"],
+                   help="registration pipeline (default auto: the network with --model when it was trained for this "
+                        "C-arm, else a global search; every method's result is verified)")
+    p.add_argument("--model", metavar="MODEL_DIR", help="trained network (corrreg train) for auto/network/hybrid")
     p.add_argument("--output", required=True, metavar="POSE.json", help="registered pose (JSON, camera_from_ct in LPS)")
     p.add_argument("--transform", metavar="T.tfm", help="also write an ITK transform (camera_from_ct, LPS; Slicer shows ct_from_camera)")
     p.add_argument("--drr", metavar="DRR.nrrd", help="also write the DRR at the registered pose")
@@ -416,9 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", help="targets (markups JSON, CSV, label map) to report mTRE against --truth")
     p.add_argument("--truth", metavar="POSE.json", help="true pose, to report mTRE (evaluation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
-    p.add_argument("--verify-ncc", type=finite_float, metavar="NCC",
-                   help="hybrid: below this NCC of X-ray and DRR (64 px) the result counts as a miss and a global "
-                        "CMA-ES search runs as a second attempt (default 0.99; 0 turns the check off)")
+    p.add_argument("--verify", type=finite_float, metavar="K",
+                   help="consistency a result needs to count as registered (how the similarity falls around it "
+                        "against the DRR's own decorrelation; registered poses score about 1): below it the next "
+                        "attempt runs and, if none reaches it, the result is flagged (default 0.75; 0 turns "
+                        "verification off)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_camera_flags(p)

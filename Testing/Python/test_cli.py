@@ -121,12 +121,14 @@ def test_register_starts_from_the_dicom_positioner_angles(tmp_path):
     assert source.startswith("reference AP view") and torch.allclose(pose, reference_ap_pose(iso, 700.0))
 
 
-def test_verify_ncc_sets_or_disables_hybrids_check():
+def test_verify_sets_or_disables_verification():
     from CorrRegLib.cli import _options, build_parser
+    from CorrRegLib.register import RegistrationOptions
 
     parse = lambda *a: build_parser().parse_args(["register", "--ct", "c", "--xray", "x", "--output", "o", *a])
-    assert _options(parse()).fallback_below == 0.99  # the library default
-    assert _options(parse("--verify-ncc", "0.9")).fallback_below == 0.9
-    assert _options(parse("--verify-ncc", "0")).fallback_below is None
-    with pytest.raises(ValueError, match="verify-ncc"):
-        _options(parse("--verify-ncc", "1.5"))
+    assert _options(parse()).fallback_below == RegistrationOptions().fallback_below  # the library default
+    assert _options(parse("--verify", "0.9")).fallback_below == 0.9
+    assert _options(parse("--verify", "0")).fallback_below is None
+    with pytest.raises(ValueError, match="--verify"):
+        _options(parse("--verify", "2"))
+    assert parse().method == "auto"
