@@ -341,7 +341,7 @@ def check_render(line_integral: Tensor, volume: Volume, camera: Camera, pose: Te
             result = "noise alone" if covered == 0.0 else "physically impossible"
             raise ValueError(
                 f"the CT is not in view at this pose{which}, so its X-ray would be {result}: "
-                + _why_not_in_view(volume, camera, poses[b])
+                + why_not_in_view(volume, camera, poses[b])
             )
         if covered < MIN_COVERAGE:
             warnings.warn(
@@ -373,7 +373,7 @@ def _in_view(volume: Volume, camera: Camera, pose: Tensor) -> bool:
             and box[0] < camera.width and box[1] > 0 and box[2] < camera.height and box[3] > 0)
 
 
-def _why_not_in_view(volume: Volume, camera: Camera, pose: Tensor) -> str:
+def why_not_in_view(volume: Volume, camera: Camera, pose: Tensor) -> str:
     """The likely reason why the CT is not in view of ``camera`` at ``pose``, with the fix."""
     w, h = camera.size
     cx, cy = camera.principal_point

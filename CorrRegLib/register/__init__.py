@@ -9,8 +9,8 @@ composes the stages per method into attempts, ``session`` steps through them.
 
 from .network import BUNDLED_MODEL_DIR, bundled_model_dir, check_model_camera
 from .options import Level, RegistrationOptions
-from .session import (DEFAULT_METHOD, METHODS, RegistrationCancelled, RegistrationResult, RegistrationSession,
-                      StepState, register)
+from .session import DEFAULT_METHOD, METHODS, RegistrationResult, RegistrationSession, StepState, register
+from .state import RegistrationCancelled
 from .views import View
 
 __all__ = [

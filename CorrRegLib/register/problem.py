@@ -57,6 +57,8 @@ class Problem:
                                  options.depth_range, options.detector_margin)
         self._depth = [float(transform_points(t @ initial_pose, self.isocenter.reshape(1, 3))[0, 2])
                        for t in self.view_from_ref]
+        #: set by the session: True once a cancel was asked for; stages check it inside iterations
+        self.should_stop = lambda: False
         self._pyramid: dict[int, Volume] = {1: volume}
         self._projectors: dict[tuple, Projector] = {}
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}

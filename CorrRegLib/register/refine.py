@@ -16,7 +16,7 @@ import torch
 
 from ..geometry import rotation_about_point, transform_points
 from .options import Level
-from .state import RunState
+from .state import RegistrationCancelled, RunState
 
 Tensor = torch.Tensor
 
@@ -61,6 +61,8 @@ class LevelRefiner:
         stale = torch.zeros(b, dtype=torch.long)
         best_here = torch.full((b,), math.inf, dtype=torch.float64)
         for _ in range(self.level.max_iterations):
+            if self.problem.should_stop():
+                raise RegistrationCancelled
             poses = self.poses()
             score, drrs = self.problem.similarity(poses, self.level, self.similarity)
             loss_t = 1.0 - score
@@ -87,6 +89,8 @@ class LevelRefiner:
             active &= stale < o.patience
             if not bool(active.any()):
                 break
+            if self.problem.should_stop():  # a cancel during the forward pass: skip the backward
+                raise RegistrationCancelled
             opt.zero_grad()
             (loss_t * active.to(loss_t)).sum().backward()
             grad = self.params.grad

@@ -21,7 +21,7 @@ from .network import load_network
 from .options import RegistrationOptions
 from .pipeline import Pipeline, build_attempts
 from .problem import Problem
-from .state import RunState
+from .state import RegistrationCancelled, RunState
 from .verify import Verifier
 from .views import View
 
@@ -62,10 +62,6 @@ class RegistrationResult:
     view_poses: list[Tensor] = field(default_factory=list)
     evidence: dict | None = None
     pipeline: str = ""
-
-
-class RegistrationCancelled(Exception):
-    pass
 
 
 def _resolve_method(method: str, model_dir, views: list[View], device) -> tuple[str, object, str]:
@@ -125,6 +121,7 @@ class RegistrationSession:
             raise ValueError("register needs at least one X-ray view")
         if not isinstance(volume, Volume):
             raise ValueError(f"the CT must be a CorrRegLib.volume.Volume (read_ct gives one), got {type(volume).__name__}")
+        volume.check_content()  # too small, only air, or flat: nothing to register
         if initial_pose is None:
             raise ValueError("register needs an initial pose (e.g. geometry.reference_ap_pose(iso, sod))")
         self.options = options or RegistrationOptions()
@@ -150,6 +147,7 @@ class RegistrationSession:
         self.verifier = None if o.fallback_below is None else Verifier(o.verify_level, o.fallback_below)
         self.pipeline = Pipeline(build_attempts(pipeline_name, o, self.verifier, network), self.verifier)
         self._run = RunState(ref_init, self.problem.bounds)
+        self.problem.should_stop = lambda: self._run.cancelled
         self._planned = self.pipeline.planned_first(self.problem)
         self._done = False
         self._elapsed = 0.0
@@ -182,7 +180,7 @@ class RegistrationSession:
                     break
                 try:
                     next(self._gen)
-                except StopIteration:
+                except (StopIteration, RegistrationCancelled):
                     self._finish()
                     break
         finally:
@@ -198,7 +196,8 @@ class RegistrationSession:
         return self.result()
 
     def cancel(self) -> None:
-        """Stop at the next step; the best pose so far is kept."""
+        """Stop as soon as possible (another thread may call it during ``step``: the running
+        iteration stops before its backward pass); the best pose so far is kept."""
         self._run.cancelled = True
 
     def state(self) -> StepState:
@@ -261,9 +260,12 @@ def _check_initial_pose(problem: Problem, ref_pose: Tensor) -> None:
         with torch.no_grad():
             drr = proj(pose.to(problem.device).float())
         if float((drr > 1e-3).float().mean()) < 0.01:
+            from ..simulate import why_not_in_view
+
             raise ValueError(
-                f"at the initial pose the CT projects outside the X-ray's field of view{where}; start from a pose "
-                "that shows the anatomy on the detector (e.g. the reference AP view)")
+                f"at the initial pose the CT projects outside the X-ray's field of view{where}: "
+                f"{why_not_in_view(problem.volume, view.camera, pose)} Start from a pose that shows the anatomy on "
+                "the detector (e.g. the reference AP view).")
 
 
 def register(

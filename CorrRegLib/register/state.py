@@ -15,6 +15,11 @@ import torch
 Tensor = torch.Tensor
 
 
+class RegistrationCancelled(Exception):
+    """Raised inside a stage when a cancel was asked for mid-iteration; the session ends the run
+    keeping the best pose recorded before it."""
+
+
 class RunState:
     """Best-pose tracking of one registration run (reference-view poses, float64, CPU)."""
 

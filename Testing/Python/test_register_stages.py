@@ -182,3 +182,28 @@ def test_verification_passes_the_truth_and_refuses_a_wrong_pose(phantom, scene):
     wrong = s.verification(perturb_pose(truth, iso, [0.0, 0.0, 0.0], [0.0, 33.0, 0.0]))  # a vertebra off
     assert good["verified"] and not wrong["verified"], (good, wrong)
     assert good["score"] > wrong["score"]
+
+
+def test_a_cancel_during_an_iteration_stops_before_its_backward_pass(phantom, scene):
+    """The Slicer worker cancels from the GUI thread while a step runs: the session stops inside
+    that iteration (no backward pass, no further iteration) and keeps the best pose."""
+    cam, iso, truth, xray = scene
+    start = perturb_pose(truth, iso, [3.0, -2.0, 2.0], [8.0, 6.0, 10.0])
+    s = session(phantom, scene, start)
+    renders = []
+    render = s.problem.render
+
+    def counting_render(*args, **kwargs):
+        renders.append(1)
+        if len(renders) == 5:
+            s.cancel()  # as if the GUI thread asked now, during the fifth forward pass
+        return render(*args, **kwargs)
+
+    s.problem.render = counting_render
+    st = s.step(50)
+    res = s.result()
+    # the fifth forward pass finishes and counts; its backward pass and a sixth iteration never run
+    assert st.done and res.cancelled and st.iteration == 5
+    assert all(h["stage"] == "intensity level 1/4" for h in res.history)
+    assert torch.isfinite(res.pose).all()
+    assert res.loss == min(h["loss"] for h in res.history)  # the best pose of the iterations that ran
