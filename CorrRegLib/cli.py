@@ -120,7 +120,7 @@ def cmd_phantom(args) -> dict:
 
 def cmd_simulate(args) -> dict:
     from .device import pick_device
-    from .io import camera_json_path, read_ct, read_pose_json, write_xray
+    from .io import camera_json_path, read_pose_json, write_xray
     from .outputs import Output, check_outputs
     from .simulate import simulate_xray
 
@@ -142,106 +142,9 @@ def cmd_simulate(args) -> dict:
 DEFAULT_SOD_MM = 700.0
 
 
-def _initial_pose(args, volume, xray):
-    """--init, else the X-ray's DICOM positioner angles, else the reference AP view; the
-    source-to-isocenter distance is --sod, else DICOM's DistanceSourceToPatient, else 700 mm."""
-    from .geometry import reference_ap_pose
-    from .io import read_pose_json, xray_initial_pose
-
-    if args.init:
-        return read_pose_json(args.init), f"--init {args.init}"
-    try:
-        iso = volume.bone_center_lps()
-    except ValueError:  # no bone: the centre of the CT
-        iso = volume.center_lps()
-    md = xray.metadata
-    sod = float(next(v for v in (args.sod, md.get("sod_mm"), DEFAULT_SOD_MM) if v is not None))
-    if not 0 < sod < xray.camera.sdd:
-        source = "--sod" if args.sod is not None else "the X-ray's DICOM DistanceSourceToPatient (0018,1111)"
-        raise ValueError(f"{source} must lie between 0 and the sdd ({xray.camera.sdd:g} mm), got {sod:g} mm: it is the "
-                         "distance from the X-ray source to the CT's isocenter")
-    if "primary_angle_deg" in md or "secondary_angle_deg" in md:
-        return xray_initial_pose(xray, iso, sod=float(sod)), f"DICOM positioner angles (sod {float(sod):g} mm)"
-    return reference_ap_pose(iso, float(sod)), f"reference AP view (sod {float(sod):g} mm)"
-
-
-def _register_io(args):
-    """The outputs and inputs of ``corrreg register`` for outputs.check_outputs."""
-    from .outputs import Output
-
-    outputs = [Output("--output", args.output, "pose"), Output("--transform", args.transform, "transform"),
-               Output("--drr", args.drr, "xray"), Output("--overlay", args.overlay, "picture")]
-    inputs = {**_ct_inputs(args), "--xray": args.xray, "--camera": args.camera, "--init": args.init,
-              "--model": args.model, "--targets": args.targets, "--truth": args.truth,
-              "--calibration": getattr(args, "calibration", None),
-              "--camera-from-world": getattr(args, "camera_from_world", None)}
-    mask = getattr(args, "mask", None)
-    if mask not in (None, "auto", "none"):
-        inputs["--mask"] = mask
-    return outputs, inputs
-
-
 def _ct_inputs(args) -> dict:
     """--ct and the CT geometry file that may come with it, as outputs.check_outputs inputs."""
     return {"--ct": args.ct, "--ct-geometry": getattr(args, "ct_geometry", None)}
-
-
-def cmd_register(args) -> dict:
-    from .io import read_ct, read_pose_json, read_targets, read_xray, write_pose_itk, write_pose_json, write_xray
-    from .metrics import mtre
-    from .outputs import OutputSet, check_outputs
-    from .register import RegistrationSession
-    from .projector import Projector
-
-    check_outputs(*_register_io(args))
-    if bool(args.targets) != bool(args.truth):
-        raise ValueError("--targets and --truth go together (the mTRE needs both the points and the true pose)")
-    if args.init and args.sod is not None:
-        raise ValueError("--sod sets the distance of the default initial pose; with --init it would be ignored: drop one")
-    from .cli_realdata import read_ct_from_args, read_view
-
-    # one X-ray: camera (--calibration, --intrinsics or the camera flags), mask, polarity
-    view = read_view(args, args.xray)
-    xr, view_mask = view.xray, view.mask_tensor
-    volume = read_ct_from_args(args)
-    camera = xr.camera
-    init, init_source = _initial_pose(args, volume, xr)
-    truth = pts = None
-    if args.targets:
-        pts, _ = read_targets(args.targets)
-        truth = read_pose_json(args.truth)
-    session = RegistrationSession(volume, xr.image, camera, init, mask=view_mask, method=args.method, device=args.device,
-                                  model_dir=args.model, options=_options(args))
-    result = _run_with_progress(session, args.method, quiet=args.quiet)
-    extra = {"method": args.method, "loss": result.loss, "flagged": result.flagged, "message": result.message,
-             "iterations": result.iterations, "runtime_s": result.runtime_s, "initial_pose_source": init_source}
-    extra.update(view.report(result.pose))  # polarity, mask, calibration; world_from_ct if calibrated
-    out = {"camera_from_ct": result.pose.tolist(), "output": str(args.output), **extra}
-    drr_before = drr_after = None
-    if args.drr or args.overlay:
-        proj = Projector(volume, camera)
-        with torch.no_grad():
-            drr_after = proj(result.pose.float())[0]
-            drr_before = proj(init.float())[0]
-    with OutputSet() as outputs:  # all outputs appear together, or none does
-        write_pose_json(result.pose, outputs.path(args.output, "--output"), extra=extra)
-        if args.transform:
-            write_pose_itk(result.pose, outputs.path(args.transform, "--transform"))
-            out["transform"] = str(args.transform)
-        if args.drr:
-            write_xray(drr_after, outputs.path(args.drr, "--drr"), camera=camera)
-            out["drr"] = str(args.drr)
-        if args.overlay:
-            from .visualize import save_overlay
-
-            save_overlay(outputs.path(args.overlay, "--overlay"), xr.image, drr_before, drr_after,
-                         title=f"corrreg register ({args.method})")
-            out["overlay"] = str(args.overlay)
-    if truth is not None:
-        out["initial_mtre_mm"] = float(mtre(init, truth, pts))
-        out["final_mtre_mm"] = float(mtre(result.pose, truth, pts))
-        out["success_2mm"] = out["final_mtre_mm"] < 2.0
-    return out
 
 
 def _options(args):
@@ -401,36 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_ct_geometry_flags(p)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("register", help="register an X-ray to a CT", epilog=EPILOG)
-    p.add_argument("--ct", required=True, help="CT image (NIfTI/NRRD/MHA or DICOM folder), in HU")
-    p.add_argument("--xray", required=True, help="X-ray image (2D NRRD/MHA/NIfTI/PNG/TIFF or DICOM); dense structures bright")
-    p.add_argument("--init", metavar="POSE.json", help="initial camera_from_ct pose; default: DICOM positioner angles, else the AP view")
-    p.add_argument("--sod", type=finite_float, help="source-to-isocenter distance for a default initial pose (mm); "
-                   "default: the X-ray's DICOM DistanceSourceToPatient, else 700")
-    p.add_argument("--method", default="auto", choices=["auto", "intensity", "cmaes", "network", "hybrid"],
-                   help="registration pipeline (default auto: the network with --model when it was trained for this "
-                        "C-arm, else a global search; every method's result is verified)")
-    p.add_argument("--model", metavar="MODEL_DIR", help="trained network (corrreg train) for auto/network/hybrid")
-    p.add_argument("--output", required=True, metavar="POSE.json", help="registered pose (JSON, camera_from_ct in LPS)")
-    p.add_argument("--transform", metavar="T.tfm", help="also write an ITK transform (camera_from_ct, LPS; Slicer shows ct_from_camera)")
-    p.add_argument("--drr", metavar="DRR.nrrd", help="also write the DRR at the registered pose")
-    p.add_argument("--overlay", metavar="OVERLAY.png", help="also write DRR edges over the X-ray, before and after")
-    p.add_argument("--targets", help="targets (markups JSON, CSV, label map) to report mTRE against --truth")
-    p.add_argument("--truth", metavar="POSE.json", help="true pose, to report mTRE (evaluation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
-    p.add_argument("--verify", type=finite_float, metavar="K",
-                   help="consistency a result needs to count as registered (how the similarity falls around it "
-                        "against the DRR's own decorrelation; registered poses score about 1): below it the next "
-                        "attempt runs and, if none reaches it, the result is flagged (default 0.75; 0 turns "
-                        "verification off)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_camera_flags(p)
-    add_common_flags(p)
-    from .cli_realdata import add_register_flags
+    from .cli_register import add_parser as add_register_parser
 
-    add_register_flags(p)  # --calibration, --intrinsics, --polarity, --invert, --mask, --ct-* geometry
-    p.set_defaults(func=cmd_register)
+    add_register_parser(sub)
 
     for extra in ("train", "benchmark", "realdata"):  # cli_realdata: convert-ct
         try:

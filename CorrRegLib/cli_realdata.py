@@ -14,9 +14,7 @@ file without geometry, a CT stored as unsigned values).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,25 +38,29 @@ def _float(text: str) -> float:
 # one X-ray: geometry, polarity, mask
 
 
-def add_view_flags(p: argparse.ArgumentParser) -> None:
-    """--calibration, --intrinsics, --camera-from-world, --polarity, --invert, --mask."""
+def add_view_flags(p: argparse.ArgumentParser, per_view: bool = False) -> None:
+    """--calibration, --intrinsics, --camera-from-world, --polarity, --invert, --mask; with
+    ``per_view`` each but --intrinsics may be repeated, once per X-ray (biplane), and is a list."""
+    each = {"action": "append", "default": None} if per_view else {}
+    rep = " (once, or once per --xray in their order)" if per_view else ""
     g = p.add_argument_group("real X-rays: calibration, polarity, field-of-view mask")
-    g.add_argument("--calibration", metavar="FILE",
+    g.add_argument("--calibration", metavar="FILE", **each,
                    help="the X-ray's calibrated camera: CorrReg camera JSON (sdd_mm/pixel_spacing_mm or intrinsics_px, "
                         "camera_from_world), MayaCam 2.0 .txt (XMALab/Autoscoper) or OpenCV YAML/JSON (K, R|rvec, t|tvec); "
-                        "--pixel-spacing then only sets the physical pixel size")
+                        "--pixel-spacing then only sets the physical pixel size" + (" (one per --xray)" if per_view else ""))
     g.add_argument("--intrinsics", type=_float, nargs=4, metavar=("FX", "FY", "CX", "CY"),
                    help="camera from its intrinsic matrix in pixels (CorrReg pixel centres at +0.5, as --principal-point; "
                         "an OpenCV/MayaCam cx, cy is 0.5 less)")
-    g.add_argument("--camera-from-world", metavar="M.json",
-                   help="JSON with a 4x4 camera_from_world (mm; world frame of a calibrated room)")
-    g.add_argument("--polarity", default="auto", choices=POLARITY_MODES,
-                   help="bone bright or dark in the X-ray; auto detects it (default), dark inverts it")
-    g.add_argument("--invert", default="auto", choices=INVERSIONS,
-                   help="how a bone-dark X-ray is inverted: log (-log I/I_air, raw transmission), linear (max - I) or auto")
-    g.add_argument("--mask", default="auto", metavar="auto|none|FILE",
+    g.add_argument("--camera-from-world", metavar="M.json", **each,
+                   help="JSON with a 4x4 camera_from_world (mm; world frame of a calibrated room)" + rep)
+    g.add_argument("--polarity", choices=POLARITY_MODES, **(each or {"default": "auto"}),
+                   help="bone bright or dark in the X-ray; auto detects it (default), dark inverts it" + rep)
+    g.add_argument("--invert", choices=INVERSIONS, **(each or {"default": "auto"}),
+                   help="how a bone-dark X-ray is inverted: log (-log I/I_air, raw transmission), linear (max - I) or "
+                        "auto" + rep)
+    g.add_argument("--mask", metavar="auto|none|FILE", **(each or {"default": "auto"}),
                    help="usable pixels: auto detects an intensifier circle, collimator blades and burned-in labels "
-                        "(default), none uses every pixel, FILE is a mask image (non-zero = use)")
+                        "(default), none uses every pixel, FILE is a mask image (non-zero = use)" + rep)
 
 
 @dataclass
@@ -109,6 +111,16 @@ def _camera_from_world_file(path) -> torch.Tensor:
         raise ValueError(f"{path}: expected a 4x4 rigid camera_from_world (mm), as a list or under that key ({err})") from None
 
 
+def _flag(args, name: str, default=None):
+    """A view flag's value for one X-ray: repeatable flags (biplane) hold a list, of one value here."""
+    value = getattr(args, name, default)
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise ValueError(f"--{name.replace('_', '-')} is given {len(value)} times for one X-ray")
+        value = value[0]
+    return default if value is None else value
+
+
 def read_view(args, xray_path, calibration=None, polarity: str | None = None, mask=None, invert: str | None = None) -> View:
     """One X-ray with its geometry, mask and polarity from the command-line ``args`` (the flags
     of :func:`add_view_flags` and ``cli._add_camera_flags``); the keyword arguments override the
@@ -118,7 +130,7 @@ def read_view(args, xray_path, calibration=None, polarity: str | None = None, ma
     from .io.calibration import read_calibration
     from .preprocess import prepare_xray
 
-    cal_path = calibration if calibration is not None else getattr(args, "calibration", None)
+    cal_path = calibration if calibration is not None else _flag(args, "calibration")
     intr = getattr(args, "intrinsics", None)
     sdd, spacing, pp = getattr(args, "sdd", None), getattr(args, "pixel_spacing", None), getattr(args, "principal_point", None)
     camera_json = getattr(args, "camera", None)
@@ -145,16 +157,16 @@ def read_view(args, xray_path, calibration=None, polarity: str | None = None, ma
         xr = read_xray(xray_path, camera=camera)
     else:
         xr = read_xray(xray_path, camera_json=camera_json, sdd=sdd, pixel_spacing=spacing, principal_point=pp)
-    cfw = getattr(args, "camera_from_world", None)
+    cfw = _flag(args, "camera_from_world")
     if cfw:
         if cam_from_world is not None:
             raise ValueError("--camera-from-world conflicts with the calibration's own camera_from_world; give one")
         cam_from_world = _camera_from_world_file(cfw)
     prepared = prepare_xray(
         xr,
-        polarity=polarity or getattr(args, "polarity", "auto") or "auto",
-        mask=mask if mask is not None else (getattr(args, "mask", "auto") or "auto"),
-        transform=invert or getattr(args, "invert", "auto") or "auto",
+        polarity=polarity or _flag(args, "polarity", "auto"),
+        mask=mask if mask is not None else _flag(args, "mask", "auto"),
+        transform=invert or _flag(args, "invert", "auto"),
     )
     md = prepared.xray.metadata
     info["polarity"] = {k: v for k, v in md["polarity"].items() if k != "noise_per_grey_bin"}
@@ -274,7 +286,7 @@ def _add_convert_parser(sub, epilog: str) -> None:
     p.set_defaults(func=cmd_convert_ct)
 
 
-def add_register_flags(p: argparse.ArgumentParser) -> None:
+def add_register_flags(p: argparse.ArgumentParser, per_view: bool = False) -> None:
     """What ``corrreg register`` adds for real data: the view flags and the CT geometry flags."""
-    add_view_flags(p)
+    add_view_flags(p, per_view)
     add_ct_geometry_flags(p)

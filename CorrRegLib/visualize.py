@@ -33,13 +33,15 @@ def _normalise(img: Tensor | np.ndarray) -> np.ndarray:
 
 
 def edge_map(img: Tensor | np.ndarray, quantile: float = 0.9) -> np.ndarray:
-    """Boolean map of the strongest edges (Sobel magnitude above a quantile)."""
+    """Boolean map of the strongest edges (Sobel magnitude above a quantile of the pixels that
+    have any: a DRR of one bone is flat almost everywhere, and its edges are those of the bone)."""
     from .similarity import image_gradients
 
     t = torch.as_tensor(np.asarray(_normalise(img)), dtype=torch.float32)[None, None]
     gx, gy = image_gradients(t)
     mag = (gx.square() + gy.square()).sqrt()[0, 0].numpy()
-    return mag > np.quantile(mag, quantile)
+    some = mag[mag > 1e-6 * max(float(mag.max()), 1e-12)]
+    return mag > (np.quantile(some, quantile) if some.size else np.inf)
 
 
 def overlay_rgb(xray, drr, color=(1.0, 0.2, 0.1)) -> np.ndarray:
@@ -62,14 +64,25 @@ def save_figure(fig, path: str | Path) -> Path:
     return path
 
 
-def save_overlay(path: str | Path, xray, drr_before, drr_after, title: str = "") -> Path:
-    """Side-by-side PNG: DRR edges over the X-ray before and after registration."""
+def save_overlay(path: str | Path, xray, drr_before, drr_after, title: str = "", names: Sequence[str] | None = None,
+                 masks: Sequence | None = None) -> Path:
+    """PNG of DRR edges over the X-ray before and after registration, side by side; with lists
+    (several views) one row per view, named by ``names``. Pixels outside a view's mask (its field
+    of view) are darkened."""
+    many = isinstance(xray, (list, tuple))
+    xrays, befores, afters = (list(v) if many else [v] for v in (xray, drr_before, drr_after))
+    masks = list(masks) if masks is not None else [None] * len(xrays)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8), dpi=110)
-    for ax, drr, label in zip(axes, (drr_before, drr_after), ("initial pose", "registered pose")):
-        ax.imshow(overlay_rgb(xray, drr), interpolation="nearest")
-        ax.set_title(f"{label}: DRR edges (red) on the X-ray", fontsize=9)
-        ax.axis("off")
+    fig, axes = plt.subplots(len(xrays), 2, figsize=(9, 4.8 * len(xrays)), dpi=110, squeeze=False)
+    for row, (x, before, after, mask) in enumerate(zip(xrays, befores, afters, masks)):
+        for ax, drr, label in zip(axes[row], (before, after), ("initial pose", "registered pose")):
+            rgb = overlay_rgb(x, drr)
+            if mask is not None:
+                rgb[~np.asarray(mask, dtype=bool)] *= 0.35
+            ax.imshow(rgb, interpolation="nearest")
+            prefix = f"{names[row]}, " if names else ""
+            ax.set_title(f"{prefix}{label}: DRR edges (red) on the X-ray", fontsize=9)
+            ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)

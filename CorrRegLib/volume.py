@@ -145,6 +145,16 @@ class Volume:
             raise ValueError(f"the CT contains {bad} NaN or Inf voxels; fix or mask them before registering")
         return cls(hu_to_attenuation(t.float(), mu_water), spacing, origin, **kwargs)
 
+    def keep_only(self, keep: Tensor) -> "Volume":
+        """The CT with every voxel outside ``keep`` ((K, J, I) bool, e.g. a bone's label) set to air:
+        its DRR then shows only what ``keep`` holds (one bone of a full CT)."""
+        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.data.device)
+        if tuple(keep.shape) != tuple(self.data.shape):
+            raise ValueError(f"the label has {tuple(keep.shape)} voxels (K, J, I) but the CT has {tuple(self.data.shape)}")
+        if not bool(keep.any()):
+            raise ValueError("the label keeps no voxel of the CT: check the label map and its values")
+        return replace(self, data=torch.where(keep, self.data, torch.zeros_like(self.data)))
+
     def downsample(self, factor: int = 2) -> "Volume":
         """Average-pool by ``factor`` along each axis, keeping the physical extent."""
         if factor == 1:

@@ -16,8 +16,9 @@ OpenCV), ``poses``, ``targets``; the public names are re-exported here.
 from ._common import CAMERA_METADATA_KEY, _suffix  # noqa: F401  (used by benchmark and the Slicer module)
 from .calibration import Calibration, read_calibration, write_calibration
 from .camera import camera_json_path, read_camera_json, write_camera_json
-from .ct import HUImage, read_ct, read_ct_hu, write_ct
-from .poses import read_pose_itk, read_pose_json, write_pose_itk, write_pose_json
+from .ct import HUImage, read_ct, read_ct_hu, read_ct_label, write_ct
+from .poses import (read_pose_itk, read_pose_json, read_world_pose_json, write_pose_itk, write_pose_json,
+                    write_world_pose_json)
 from .targets import read_targets, write_targets_csv, write_targets_markups
 from .xray import XRay, read_xray, write_xray, xray_initial_pose
 
@@ -29,6 +30,7 @@ __all__ = [
     "write_calibration",
     "read_ct",
     "read_ct_hu",
+    "read_ct_label",
     "write_ct",
     "read_xray",
     "write_xray",
@@ -38,6 +40,8 @@ __all__ = [
     "write_camera_json",
     "read_pose_json",
     "write_pose_json",
+    "read_world_pose_json",
+    "write_world_pose_json",
     "read_pose_itk",
     "write_pose_itk",
     "read_targets",

@@ -222,6 +222,35 @@ def read_ct(path: PathLike, hu: bool = True, geometry=None) -> Volume:
     return volume
 
 
+def read_ct_label(path: PathLike, volume: Volume, values: Sequence[int] | None = None) -> Tensor:
+    """(K, J, I) bool mask on ``volume``'s voxel grid from a label map: its non-zero voxels, or
+    those holding one of ``values``. A label map on another grid is resampled onto the CT's
+    (nearest neighbour, through both images' LPS geometry), so a segmentation exported from
+    Slicer at another resolution works as it is."""
+    p = _path(path)
+    _require_exists(p, "CT label map")
+    reader = _read_info(p, "CT label map")
+    if reader.GetNumberOfComponents() != 1 or reader.GetDimension() != 3:
+        raise ValueError(f"{p} is not a 3D scalar label map; export the bone's segment as a label map")
+    labels = _execute(reader, p, "CT label map")
+    ref = sitk.Image([int(v) for v in volume.shape_ijk], sitk.sitkUInt8)
+    ref.SetSpacing(volume.spacing)
+    ref.SetOrigin(volume.origin)
+    ref.SetDirection([v for row in volume.direction for v in row])
+    same = (labels.GetSize() == ref.GetSize() and np.allclose(labels.GetSpacing(), ref.GetSpacing())
+            and np.allclose(labels.GetOrigin(), ref.GetOrigin()) and np.allclose(labels.GetDirection(), ref.GetDirection()))
+    if not same:
+        labels = sitk.Resample(labels, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+    arr = sitk.GetArrayFromImage(labels)
+    keep = np.isin(arr, np.asarray(list(values))) if values is not None else arr != 0
+    if not keep.any():
+        held = np.unique(arr[arr != 0])[:20].tolist()
+        what = f"the labels {list(values)}" if values is not None else "a non-zero label"
+        raise ValueError(f"{p} holds no voxel with {what} inside the CT (it holds {held or 'only zeros'}); "
+                         "check the label map and --ct-label-values")
+    return torch.from_numpy(keep)
+
+
 def write_ct(
     ct: Volume | HUImage | np.ndarray | Tensor,
     path: PathLike,

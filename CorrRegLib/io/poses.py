@@ -50,19 +50,13 @@ def write_pose_json(
     return _write_json(d, path)
 
 
-def read_pose_json(path: PathLike) -> Tensor:
-    """camera_from_ct (float64 4x4, LPS) from a pose JSON; "frame": "RAS" is converted with
-    geometry.ras_from_lps, a missing frame means LPS. Rejects non-rigid matrices."""
-    p = _path(path)
-    d = _load_json(p, "pose JSON")
-    if not isinstance(d, dict) or "camera_from_ct" not in d:
-        raise ValueError(f'{p}: a pose JSON needs a "camera_from_ct" 4x4 matrix, e.g. {{"camera_from_ct": [[...]], "frame": "LPS"}}')
+def _pose_from_json(d: dict, key: str, p) -> Tensor:
     try:
-        t = torch.tensor(d["camera_from_ct"], dtype=torch.float64)
+        t = torch.tensor(d[key], dtype=torch.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{p}: camera_from_ct must be a 4x4 list of numbers") from None
+        raise ValueError(f"{p}: {key} must be a 4x4 list of numbers") from None
     if t.shape != (4, 4):
-        raise ValueError(f"{p}: camera_from_ct must be 4x4, got shape {tuple(t.shape)}")
+        raise ValueError(f"{p}: {key} must be 4x4, got shape {tuple(t.shape)}")
     frame = str(d.get("frame", "LPS")).upper()
     if frame == "RAS":
         t = ras_from_lps(t)
@@ -72,6 +66,39 @@ def read_pose_json(path: PathLike) -> Tensor:
         return check_rigid(t)
     except ValueError as err:
         raise ValueError(f"{p}: {err}") from None
+
+
+def read_pose_json(path: PathLike) -> Tensor:
+    """camera_from_ct (float64 4x4, LPS) from a pose JSON; "frame": "RAS" is converted with
+    geometry.ras_from_lps, a missing frame means LPS. Rejects non-rigid matrices."""
+    p = _path(path)
+    d = _load_json(p, "pose JSON")
+    if not isinstance(d, dict) or "camera_from_ct" not in d:
+        raise ValueError(f'{p}: a pose JSON needs a "camera_from_ct" 4x4 matrix, e.g. {{"camera_from_ct": [[...]], "frame": "LPS"}}')
+    return _pose_from_json(d, "camera_from_ct", p)
+
+
+def read_world_pose_json(path: PathLike) -> tuple[Tensor, str]:
+    """(pose, key): a multi-view pose JSON's ``world_from_ct``, else a ``camera_from_ct`` (the
+    caller knows which camera it belongs to); LPS or RAS as :func:`read_pose_json`."""
+    p = _path(path)
+    d = _load_json(p, "pose JSON")
+    for key in ("world_from_ct", "camera_from_ct"):
+        if isinstance(d, dict) and key in d:
+            return _pose_from_json(d, key, p), key
+    raise ValueError(f'{p}: a pose JSON needs a "world_from_ct" (several calibrated views) or "camera_from_ct" 4x4 '
+                     'matrix, e.g. {"world_from_ct": [[...]], "frame": "LPS"}')
+
+
+def write_world_pose_json(pose: Tensor | np.ndarray, path: PathLike, extra: dict | None = None) -> Path:
+    """Write ``{"world_from_ct": 4x4, "frame": "LPS", **extra}`` (a multi-view result; ``extra``
+    usually holds each view's camera_from_ct under "views")."""
+    d = {"world_from_ct": _pose64(pose).tolist(), "frame": "LPS"}
+    for k, v in (extra or {}).items():
+        if k in d:
+            raise ValueError(f"extra key {k!r} would overwrite the pose")
+        d[k] = v.tolist() if isinstance(v, (torch.Tensor, np.ndarray)) else v
+    return _write_json(d, path)
 
 
 def write_pose_itk(pose: Tensor | np.ndarray, path: PathLike) -> Path:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Camera, invert_pose, transform_points
-from ..projector import Projector
+from ..projector import AIR_THRESHOLD, Projector
 from ..similarity import get_similarity
 from ..volume import Volume
 from .bounds import PoseBounds
@@ -33,10 +33,24 @@ def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def grow(mask: Tensor, radius: int) -> Tensor:
-    """(B, 1, H, W) float mask dilated by a square of half-width ``radius`` pixels."""
-    if radius <= 0:
+    """(B, 1, H, W) float mask dilated by a square of half-width ``radius`` pixels (eroded for a
+    negative radius; the image's border does not erode)."""
+    if radius < 0:
+        return 1.0 - grow(1.0 - mask, -radius)
+    if radius == 0:
         return mask
     return F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)
+
+
+def is_cropped(volume: Volume, threshold: float = 0.3) -> bool:
+    """Whether the CT was cut out of a larger body: at least four of its six faces hold tissue
+    (over ``threshold`` of their voxels denser than air). Where a CT ends inside the body, its DRR
+    has an edge the X-ray does not show; a segmented bone, or a body scanned whole in its axial
+    field (cut only at its two ends), ends in air."""
+    d = volume.data
+    faces = (d[0], d[-1], d[:, 0], d[:, -1], d[:, :, 0], d[:, :, -1])
+    cut = sum(float((f > AIR_THRESHOLD).float().mean()) > threshold for f in faces)
+    return cut >= 4
 
 
 class Problem:
@@ -59,6 +73,9 @@ class Problem:
                        for t in self.view_from_ref]
         #: set by the session: True once a cancel was asked for; stages check it inside iterations
         self.should_stop = lambda: False
+        # a cropped CT is compared inside its projection (its cut edges are not anatomy), a whole
+        # one (a bone, a body ending in air) over its projection grown by a margin
+        self.roi_sign = -1 if is_cropped(volume) else 1
         self._pyramid: dict[int, Volume] = {1: volume}
         self._projectors: dict[tuple, Projector] = {}
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
@@ -127,10 +144,11 @@ class Problem:
         return self.projector(view, level)(poses.float())
 
     def roi(self, drr: Tensor, fov: Tensor | None) -> Tensor:
-        """(B, 1, h, w) float mask: where the CT projects (grown by ``roi_margin``), inside ``fov``."""
+        """(B, 1, h, w) float mask: where the CT projects, grown by ``roi_margin`` (shrunk by it for a
+        cropped CT: see is_cropped), inside ``fov``."""
         d = drr.detach()
         support = (d > SUPPORT_FRACTION * d.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(d.dtype)
-        mask = grow(support, max(1, round(self.options.roi_margin * d.shape[-1])))
+        mask = grow(support, self.roi_sign * max(1, round(self.options.roi_margin * d.shape[-1])))
         return mask if fov is None else mask * fov
 
     def similarity(self, ref_poses: Tensor, level: Level, name: str | None = None) -> tuple[Tensor, list[Tensor]]:

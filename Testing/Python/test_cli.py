@@ -102,7 +102,8 @@ def test_register_starts_from_the_dicom_positioner_angles(tmp_path):
     DistanceSourceToPatient give the initial pose; --sod overrides the DICOM distance."""
     from test_io import DICOM_TAGS, _write_dicom_xray, _xray_array
 
-    from CorrRegLib.cli import _initial_pose, build_parser
+    from CorrRegLib.cli import build_parser
+    from CorrRegLib.cli_register import initial_pose as _initial_pose
     from CorrRegLib.geometry import c_arm_pose, reference_ap_pose
     from CorrRegLib.io import read_xray
     from CorrRegLib.phantom import make_spine_phantom
