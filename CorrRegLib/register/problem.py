@@ -71,6 +71,7 @@ class Problem:
                                  options.depth_range, options.detector_margin)
         self._depth = [float(transform_points(t @ initial_pose, self.isocenter.reshape(1, 3))[0, 2])
                        for t in self.view_from_ref]
+        self._footprint: dict[int, float] = {}
         #: set by the session: True once a cancel was asked for; stages check it inside iterations
         self.should_stop = lambda: False
         # a cropped CT is compared inside its projection (its cut edges are not anatomy), a whole
@@ -93,9 +94,30 @@ class Problem:
         return [t @ ref_pose for t in self.view_from_ref]
 
     # ---- resolution ----------------------------------------------------------------------------
+    def footprint_px(self, view: int) -> float:
+        """How many full-resolution pixels the CT's projection spans in ``view`` at the initial pose
+        (the larger side of its bounding box, grown by ``roi_margin``, at most the detector's)."""
+        if view not in self._footprint:
+            cam = self.views[view].camera
+            coarse = cam.downsample(max(1.0, max(cam.size) / 96))
+            with torch.no_grad():
+                drr = Projector(self.pooled_volume(2).to(self.device), coarse)(
+                    (self.view_from_ref[view] @ self.initial_pose).float().to(self.device))
+            support = (drr > SUPPORT_FRACTION * drr.max().clamp_min(1e-12)).nonzero()
+            if support.numel() == 0:
+                extent = float(max(cam.size))
+            else:
+                span = (support.amax(0) - support.amin(0) + 1).double().max()
+                extent = float(span) * cam.width / coarse.width * (1 + 2 * self.options.roi_margin)
+            self._footprint[view] = min(float(max(cam.size)), extent)
+        return self._footprint[view]
+
     def level_camera(self, view: int, level: Level) -> Camera:
+        """The view's detector at ``level``: pixels such that the CT's projection spans about
+        ``level.detector_px`` of them (a CT filling the detector: the detector is that wide; one
+        bone in a 1760 px image gets the same detail across the bone, not across the image)."""
         cam = self.views[view].camera
-        return cam.downsample(max(1.0, cam.width / max(1, level.detector_px)))
+        return cam.downsample(max(1.0, self.footprint_px(view) / max(1, level.detector_px)))
 
     def volume_factor(self, view: int, level: Level) -> int:
         if level.volume_factor is not None:

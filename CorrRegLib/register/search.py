@@ -31,6 +31,8 @@ Tensor = torch.Tensor
 
 #: Poses rendered per batch in the grid (bounds memory; one batch is one recorded iteration).
 GRID_BATCH = 48
+#: Depths scanned along the reference ray for each candidate when there are several views.
+DEPTH_STEPS = 25
 
 
 def _canvas_camera(cam: Camera, margin_x: int, margin_y: int) -> Camera:
@@ -72,7 +74,8 @@ class GridSearch:
         return [(rx, ry, rz, d) for d in self.depths for rx, ry, rz in itertools.product(self.rotations, repeat=3)]
 
     def planned(self, problem) -> int:
-        return math.ceil(len(self._grid()) / GRID_BATCH)
+        multi = 4 * self.keep if len(problem.views) > 1 else 0
+        return math.ceil(len(self._grid()) / GRID_BATCH) + multi
 
     def run(self, problem, state: RunState) -> Iterator[None]:
         base = state.stage_start(self.name)
@@ -122,8 +125,34 @@ class GridSearch:
         found.sort(key=lambda t: -t[0])
         state.search_scores = {"best": found[0][0], "best_inverted": best_inverted}
         poses = space.pose(torch.stack([xi for _, xi in found]))
-        state.candidates = [(s, poses[i]) for i, (s, _) in enumerate(found)]
-        state.candidates = distinct(state.candidates, problem.isocenter, self.keep)
+        ranked = [(s, poses[i]) for i, (s, _) in enumerate(found)]
+        if len(problem.views) > 1:  # the reference view fixes direction, not depth: ask the others
+            ranked = yield from self._depth_along_the_ray(problem, state, space, found, ranked)
+        state.candidates = distinct(ranked, problem.isocenter, self.keep)
+
+    def _depth_along_the_ray(self, problem, state: RunState, space: SearchSpace, found, ranked):
+        """Several views: for the best distinct candidates of the reference view, scan the
+        isocenter's depth along its ray and score every view together; re-ranked (score, pose)."""
+        top = distinct(ranked, problem.isocenter, 4 * self.keep)
+        index = {id(p): i for i, (_, p) in enumerate(ranked)}
+        lo, hi = space.lower[5], space.upper[5]
+        depths = torch.linspace(float(lo), float(hi), DEPTH_STEPS, dtype=torch.float64)
+        sim = self.level.similarity or "ncc"
+        out = []
+        for _, pose in top:
+            x = found[index[id(pose)]][1].clone()
+            xs = x.repeat(DEPTH_STEPS, 1)
+            xs[:, 5] = depths
+            poses = space.pose(xs)
+            with torch.no_grad():
+                score, _ = problem.similarity(poses, self.level, sim)
+            score = torch.where(problem.bounds.contains(poses).to(score.device), score, torch.full_like(score, -2.0))
+            k = int(score.argmax())
+            out.append((float(score[k]), poses[k]))
+            state.record(1.0 - float(score[k]), poses[k], self.name)
+            yield
+        out.sort(key=lambda t: -t[0])
+        return out
 
 
 def distinct(ranked: list[tuple[float, Tensor]], isocenter: Tensor, keep: int, min_deg: float = 12.0,

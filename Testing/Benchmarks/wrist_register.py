@@ -1,0 +1,140 @@
+"""The biplane wrist (docs/real-data.md): register the radius to frame 0002 in both views together
+and in each alone, from starts perturbed around a pose, and report how they agree.
+
+    python Testing/Benchmarks/wrist_register.py --ct radius.nrrd --pose biplane.json --out out/wrist
+
+``--ct`` is the radius converted by ``corrreg convert-ct`` (docs/real-data.md); ``--pose`` a
+world_from_ct JSON (the output of the biplane ``corrreg register``). For each of ``--starts``
+seeded starts (rotation offsets of ``--deg`` and translations of ``--mm`` in random directions
+about the bone's centroid) it runs the biplane registration, and reports the spread of the
+results (max distance of the bone's voxels from their mean position, max rotation from the mean
+pose); then each view alone from the same starts, compared with the biplane pose as in-plane and
+depth errors of the centroid in that view. Prints a JSON summary and writes it to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from CorrRegLib.cli_realdata import read_view  # noqa: E402
+from CorrRegLib.geometry import geodesic_distance, invert_pose, rotation_about_point, transform_points  # noqa: E402
+from CorrRegLib.io import read_ct, read_world_pose_json  # noqa: E402
+from CorrRegLib.register import RegistrationSession, View  # noqa: E402
+from CorrRegLib.geometry import euler_to_rotation  # noqa: E402
+
+DATA = Path("/work/shared/data/wrist-biplane")
+
+
+def views(data: Path) -> list[View]:
+    ns = argparse.Namespace(calibration=None, polarity="auto", mask="auto", invert="auto", camera_from_world=None,
+                            intrinsics=None, sdd=None, pixel_spacing=None, principal_point=None, camera=None)
+    out = []
+    for k in (1, 2):
+        ns.calibration = data / f"calibration/xr_calib_wrist_cam0{k}.txt"
+        v = read_view(ns, data / f"xray/xr_rad_uln_cam0{k}_UND.0002.tif")
+        out.append(View(v.xray.image, v.xray.camera, v.camera_from_world, v.mask_tensor, f"view {k}"))
+    return out
+
+
+def starts(pose: torch.Tensor, centre: torch.Tensor, n: int, deg: float, mm: float, seed: int) -> list[torch.Tensor]:
+    """world_from_ct starts: ``pose`` turned by ``deg`` about a random axis through the bone's
+    centroid and moved by ``mm`` in a random direction (world frame)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    c = transform_points(pose, centre.reshape(1, 3))[0]
+    for _ in range(n):
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        move = rng.normal(size=3)
+        move = move / np.linalg.norm(move) * mm
+        import roma
+
+        rot = roma.rotvec_to_rotmat(torch.tensor(axis * math.radians(deg), dtype=torch.float64))
+        out.append(rotation_about_point(rot, c, torch.tensor(move, dtype=torch.float64)) @ pose)
+    return out
+
+
+def spread(poses: list[torch.Tensor], points: torch.Tensor) -> tuple[float, float]:
+    """(max over poses of the mean distance of ``points`` from their mean position (mm), max
+    rotation from the first pose's... mean (deg))."""
+    moved = torch.stack([transform_points(p, points) for p in poses])  # (P, N, 3)
+    mean = moved.mean(0)
+    dist = float((moved - mean).norm(dim=-1).mean(1).max())
+    rot = max(float(geodesic_distance(poses[0], p)[0]) for p in poses)
+    return dist, rot
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ct", required=True)
+    ap.add_argument("--pose", required=True, help="world_from_ct JSON to perturb around")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--starts", type=int, default=10)
+    ap.add_argument("--deg", type=float, default=10.0)
+    ap.add_argument("--mm", type=float, default=10.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--method", default="intensity")
+    ap.add_argument("--single", action="store_true", help="also register each view alone from the same starts")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    vol = read_ct(a.ct)
+    centre = vol.bone_center_lps()
+    points = (vol.data > 1.5 * 0.0206).nonzero()[::50].double()
+    points = (torch.cat([points.flip(1), torch.ones(len(points), 1, dtype=torch.float64)], 1) @ vol.lps_from_index().T)[:, :3]
+    vs = views(Path(a.data))
+    pose, _ = read_world_pose_json(a.pose)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, start in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)):
+        t = time.perf_counter()
+        res = RegistrationSession(vol, initial_pose=start, views=vs, method=a.method, isocenter=centre).run()
+        rows.append({"start": k, "world_from_ct": res.pose.tolist(), "flagged": res.flagged, "seconds": time.perf_counter() - t,
+                     "evidence": res.evidence, "start_offset_mm": float((transform_points(start, points) - transform_points(pose, points)).norm(dim=1).mean())})
+        print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "world_from_ct"}), flush=True)
+    ok = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows if not r["flagged"]]
+    summary = {"starts": a.starts, "perturbation": f"{a.deg:g} deg, {a.mm:g} mm", "verified": len(ok),
+               "median_seconds": float(np.median([r["seconds"] for r in rows]))}
+    if ok:
+        d, r = spread(ok, points)
+        mean_pose = ok[0]
+        summary.update(spread_mm=d, spread_deg=r, biplane_pose=mean_pose.tolist())
+    if a.single and ok:
+        ref = ok[0]
+        single = []
+        for vi, v in enumerate(vs):
+            for k, start in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)):
+                cam_start = v.camera_from_world @ start
+                t = time.perf_counter()
+                res = RegistrationSession(vol, v.image, v.camera, cam_start, mask=v.mask, method=a.method,
+                                          isocenter=centre).run()
+                err = transform_points(res.pose, centre.reshape(1, 3))[0] - transform_points(v.camera_from_world @ ref, centre.reshape(1, 3))[0]
+                rot = float(geodesic_distance(invert_pose(v.camera_from_world) @ res.pose, ref)[0])
+                single.append({"view": vi + 1, "start": k, "flagged": res.flagged, "in_plane_mm": float(err[:2].norm()),
+                               "depth_mm": float(err[2].abs()), "rotation_deg": rot, "seconds": time.perf_counter() - t})
+                print(json.dumps(single[-1]), flush=True)
+        summary["single_view"] = {
+            f"view {vi + 1}": {stat: float(np.median([s[stat] for s in single if s["view"] == vi + 1]))
+                               for stat in ("in_plane_mm", "depth_mm", "rotation_deg", "seconds")}
+            for vi in range(len(vs))}
+        summary["single_rows"] = single
+    summary["rows"] = rows
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
