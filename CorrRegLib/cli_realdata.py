@@ -19,19 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .cli import finite_float as _float
 from .preprocess import INVERSIONS, POLARITY_MODES
-
-
-def _float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
 
 
 # ------------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .fov_mask import _as_image as _np  # (H, W) float64 numpy of a tensor or array, checked
+
 Tensor = torch.Tensor
 
 #: Share of the grey range (1st - 99th percentiles) at either end where air is looked for.
@@ -54,16 +56,6 @@ END_BAND = 0.10
 MIN_AIR = 0.03
 #: Rank correlation of noise with grey level that decides when no air is in view.
 NOISE_TREND = 0.8
-
-
-def _np(image) -> np.ndarray:
-    a = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-    a = np.squeeze(a).astype(np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"an X-ray image must be 2D (H, W), got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError("the image contains NaN or Inf; fix those pixels first")
-    return a
 
 
 def _mask(mask, shape) -> np.ndarray:

@@ -215,8 +215,7 @@ class RegistrationSession:
         """The verification evidence (features) of a camera_from_ct / world_from_ct pose."""
         if self.verifier is None:
             return None
-        ev = self.verifier.evidence(self.problem, self.problem.ref_pose(torch.as_tensor(pose, dtype=torch.float64)))
-        return {"verified": ev.verified, "score": ev.score, **ev.features}
+        return self.verifier.evidence(self.problem, self.problem.ref_pose(torch.as_tensor(pose, dtype=torch.float64))).as_dict()
 
     def result(self) -> RegistrationResult:
         s = self._run
@@ -234,7 +233,7 @@ class RegistrationSession:
             initial_pose=self.initial_pose.clone(),
             cancelled=s.cancelled,
             view_poses=self.problem.view_poses(s.best_pose),
-            evidence=None if ev is None else {"verified": ev.verified, "score": ev.score, **ev.features},
+            evidence=None if ev is None else ev.as_dict(),
             pipeline=self.pipeline_note,
         )
 

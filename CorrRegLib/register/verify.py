@@ -37,6 +37,10 @@ class Evidence:
     verified: bool
     features: dict = field(default_factory=dict)
 
+    def as_dict(self) -> dict:
+        """JSON-able: verified, score and the features."""
+        return {"verified": self.verified, "score": self.score, **self.features}
+
     def describe(self) -> str:
         f = self.features
         return (f"consistency {f.get('consistency', float('nan')):.2f} (registered poses score about 1), "
