@@ -15,6 +15,8 @@ EPILOG = ("Frames: CT in LPS mm; poses are camera_from_ct. Outputs: results.csv,
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from .cli import add_common_flags
+
     from .benchmark import DEFAULT_XRAY, METHODS, STARTS
 
     p = sub.add_parser(
@@ -69,10 +71,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--json", action="store_true", help="print only the summary JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (torch.set_num_threads); on a shared "
-                   "CPU, 1 gives steadier wall times than an oversubscribed default")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="compute device (default: auto picks CUDA, then MPS, then CPU)")
+    add_common_flags(p)  # --device, --threads (on a shared CPU, 1 gives steadier wall times)
     p.set_defaults(func=cmd_benchmark)
     return p
 
@@ -83,12 +82,6 @@ def cmd_benchmark(args) -> dict:
     from .benchmark import (DEFAULT_XRAY, BenchmarkConfig, cells_from_args, cells_table, format_table, parse_methods,
                             read_manifest, run_benchmark, run_cells)
 
-    if args.threads:
-        import torch
-
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     xray = dict(DEFAULT_XRAY, dose=args.dose, blur_mm=args.blur_mm, heel=args.heel, scatter=args.scatter)
     config = BenchmarkConfig(
         protocol=args.protocol, cases=args.cases, seed=args.seed, methods=parse_methods(args.methods),
