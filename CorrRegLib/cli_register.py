@@ -33,10 +33,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "default: every non-zero voxel)")
     p.add_argument("--xray", required=True, action="append", help="X-ray image (2D NRRD/MHA/NIfTI/PNG/TIFF or DICOM); "
                    "repeat with one --calibration each for biplane (multi-view) registration")
-    p.add_argument("--init", metavar="POSE.json", help="initial pose: camera_from_ct (one X-ray), or world_from_ct "
-                   "(several; a camera_from_ct there is the first view's); default: DICOM positioner angles, else the AP "
-                   "view (one X-ray), or the CT's axes along the world's with its bone centroid where the views' "
-                   "principal rays meet (several)")
+    p.add_argument("--init", metavar="POSE.json", help="initial pose: camera_from_ct (one X-ray; or world_from_ct when "
+                   "its calibration has a pose), or world_from_ct (several; a camera_from_ct there is the first "
+                   "view's); default: DICOM positioner angles, else the AP view (one X-ray), or the CT's axes along "
+                   "the world's with its bone centroid where the views' principal rays meet (several)")
     p.add_argument("--sod", type=finite_float, help="source-to-isocenter distance for a default initial pose (mm); "
                    "default: the X-ray's DICOM DistanceSourceToPatient, else 700")
     p.add_argument("--method", default="auto", choices=["auto", "intensity", "cmaes", "network", "hybrid"],
@@ -122,14 +122,23 @@ def _volume(args):
     return volume
 
 
-def initial_pose(args, volume, xray):
-    """One X-ray: --init, else the X-ray's DICOM positioner angles, else the reference AP view; the
-    source-to-isocenter distance is --sod, else DICOM's DistanceSourceToPatient, else 700 mm."""
+def initial_pose(args, volume, xray, camera_from_world: torch.Tensor | None = None):
+    """One X-ray: --init (camera_from_ct, or world_from_ct when the X-ray's calibration places its
+    camera in a world, as a biplane result does), else the X-ray's DICOM positioner angles, else the
+    reference AP view; the source-to-isocenter distance is --sod, else DICOM's
+    DistanceSourceToPatient, else 700 mm."""
     from .geometry import reference_ap_pose
-    from .io import read_pose_json, xray_initial_pose
+    from .io import read_world_pose_json, xray_initial_pose
 
     if args.init:
-        return read_pose_json(args.init), f"--init {args.init}"
+        pose, key = read_world_pose_json(args.init)
+        if key == "world_from_ct":
+            if camera_from_world is None:
+                raise ValueError(f"--init {args.init} holds a world_from_ct, but {args.xray[0]} has no camera_from_world "
+                                 "to place it in its camera: give a --calibration with a pose (MayaCam, OpenCV) or "
+                                 "--camera-from-world, or an --init with a camera_from_ct")
+            return camera_from_world @ pose, f"--init {args.init} (world_from_ct, in this X-ray's camera)"
+        return pose, f"--init {args.init}"
     iso = _isocenter(volume)
     md = xray.metadata
     sod = float(next(v for v in (args.sod, md.get("sod_mm"), DEFAULT_SOD_MM) if v is not None))
@@ -198,7 +207,7 @@ def cmd_register(args) -> dict:
     views = [read_view(v, x) for v, x in zip(_per_view(args, n), args.xray)]  # camera, mask, polarity per view
     volume = _volume(args)
     if n == 1:
-        init, init_source = initial_pose(args, volume, views[0].xray)
+        init, init_source = initial_pose(args, volume, views[0].xray, views[0].camera_from_world)
     else:
         missing = [args.xray[k] for k, v in enumerate(views) if v.camera_from_world is None]
         if missing:

@@ -109,3 +109,27 @@ def test_command_line_biplane(rig, tmp_path):
     bad = args[:k - 1] + args[k + 1:]  # the second X-ray without its --calibration
     assert corrreg(bad + ["--init", str(tmp_path / "init1.json")]) == 2
     assert not (tmp_path / "pose.json").exists() or json.loads((tmp_path / "pose.json").read_text()) == out
+
+
+def test_command_line_single_calibrated_view_starts_from_a_world_pose(rig, tmp_path, capsys):
+    """One calibrated X-ray takes a world_from_ct start (a biplane result) in its own camera."""
+    ph, cam, iso, cfw, truth, xrays = rig
+    write_ct(ph.volume, tmp_path / "ct.nrrd")
+    write_xray(xrays[1], tmp_path / "x1.nrrd")
+    write_calibration(cam, tmp_path / "cam1.json", camera_from_world=cfw[1])
+    init = perturb_pose(truth, iso, [1.0, -1.0, 1.0], [2.0, -2.0, 3.0])
+    (tmp_path / "init.json").write_text(json.dumps({"world_from_ct": init.tolist()}))
+    args = ["register", "--ct", str(tmp_path / "ct.nrrd"), "--xray", str(tmp_path / "x1.nrrd"), "--method", "intensity",
+            "--mask", "none", "--polarity", "bright", "--init", str(tmp_path / "init.json"), "--json", "--quiet"]
+    assert corrreg(args + ["--calibration", str(tmp_path / "cam1.json"), "--output", str(tmp_path / "pose.json")]) == 0
+    out = json.loads((tmp_path / "pose.json").read_text())
+    assert "world_from_ct" in out["initial_pose_source"]
+    moved = (transform_points(torch.tensor(out["camera_from_ct"], dtype=torch.float64), ph.landmarks)
+             - transform_points(cfw[1] @ truth, ph.landmarks)).norm(dim=1)
+    assert float(moved.mean()) < 3.0  # one view: in-plane right, depth looser
+    # without a camera_from_world there is no camera to put a world pose in: a clear error, no output
+    write_calibration(cam, tmp_path / "plain.json")
+    capsys.readouterr()
+    assert corrreg(args + ["--calibration", str(tmp_path / "plain.json"), "--output", str(tmp_path / "p2.json")]) == 2
+    assert "has no camera_from_world" in capsys.readouterr().err
+    assert not (tmp_path / "p2.json").exists()
