@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="intensity")
     ap.add_argument("--single", action="store_true", help="also register each view alone from the same starts")
+    ap.add_argument("--fine", type=int, default=0, metavar="PX",
+                    help="add a finest level of PX pixels across the bone (patch NCC) and verify at half of it")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -94,13 +96,22 @@ def main() -> int:
     points = (vol.data > 1.5 * 0.0206).nonzero()[::50].double()
     points = (torch.cat([points.flip(1), torch.ones(len(points), 1, dtype=torch.float64)], 1) @ vol.lps_from_index().T)[:, :3]
     vs = views(Path(a.data))
+    from dataclasses import replace
+
+    from CorrRegLib.register import Level, RegistrationOptions
+
+    options = RegistrationOptions()
+    if a.fine:
+        options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
+                          verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))
     pose, _ = read_world_pose_json(a.pose)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for k, start in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)):
         t = time.perf_counter()
-        res = RegistrationSession(vol, initial_pose=start, views=vs, method=a.method, isocenter=centre).run()
+        res = RegistrationSession(vol, initial_pose=start, views=vs, method=a.method, isocenter=centre,
+                                  options=options).run()
         rows.append({"start": k, "world_from_ct": res.pose.tolist(), "flagged": res.flagged, "seconds": time.perf_counter() - t,
                      "evidence": res.evidence, "start_offset_mm": float((transform_points(start, points) - transform_points(pose, points)).norm(dim=1).mean())})
         print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "world_from_ct"}), flush=True)
@@ -119,7 +130,7 @@ def main() -> int:
                 cam_start = v.camera_from_world @ start
                 t = time.perf_counter()
                 res = RegistrationSession(vol, v.image, v.camera, cam_start, mask=v.mask, method=a.method,
-                                          isocenter=centre).run()
+                                          isocenter=centre, options=options).run()
                 err = transform_points(res.pose, centre.reshape(1, 3))[0] - transform_points(v.camera_from_world @ ref, centre.reshape(1, 3))[0]
                 rot = float(geodesic_distance(invert_pose(v.camera_from_world) @ res.pose, ref)[0])
                 single.append({"view": vi + 1, "start": k, "flagged": res.flagged, "in_plane_mm": float(err[:2].norm()),
