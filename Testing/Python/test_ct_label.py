@@ -1,0 +1,111 @@
+"""One bone of a CT against an X-ray of everything: the label restriction (`--ct-label`,
+`io.read_ct_label`, `Volume.keep_only`) and registration over the bone's projection."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from CorrRegLib.cli import main as corrreg
+from CorrRegLib.geometry import transform_points
+from CorrRegLib.io import read_ct, read_ct_label, write_ct, write_pose_json, write_xray
+from CorrRegLib.phantom import small_phantom
+from CorrRegLib.projector import Projector
+from CorrRegLib.protocols import get_protocol, make_cases, perturb_pose
+from CorrRegLib.simulate import simulate_xray
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+L3 = 3
+
+
+@pytest.fixture(scope="module")
+def ph():
+    return small_phantom(seed=0)
+
+
+def write_labels(ph, path, factor: int = 1):
+    """The phantom's label map as a file, on its grid or on one ``factor`` times coarser."""
+    img = sitk.GetImageFromArray(ph.labels.numpy().astype(np.int16))
+    img.SetSpacing(ph.volume.spacing)
+    img.SetOrigin(ph.volume.origin)
+    img.SetDirection([v for row in ph.volume.direction for v in row])
+    if factor > 1:
+        size = [max(1, s // factor) for s in img.GetSize()]
+        spacing = [sp * factor for sp in img.GetSpacing()]
+        origin = img.TransformContinuousIndexToPhysicalPoint([(factor - 1) / 2.0] * 3)
+        img = sitk.Resample(img, size, sitk.Transform(), sitk.sitkNearestNeighbor, origin, spacing,
+                            img.GetDirection(), 0, img.GetPixelID())
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_a_label_map_on_another_grid_is_resampled_onto_the_ct(ph, tmp_path):
+    same = read_ct_label(write_labels(ph, tmp_path / "labels.nrrd"), ph.volume, [L3])
+    assert torch.equal(same, ph.labels == L3)
+    coarse = read_ct_label(write_labels(ph, tmp_path / "coarse.nrrd", factor=2), ph.volume, [L3])
+    inter = (coarse & same).sum().item()
+    union = (coarse | same).sum().item()
+    assert inter / union > 0.6  # the same vertebra, at half the resolution
+    with pytest.raises(ValueError, match="holds no voxel with the labels"):
+        read_ct_label(tmp_path / "labels.nrrd", ph.volume, [99])
+
+
+def test_keep_only_leaves_one_bone_in_the_drr(ph):
+    protocol = get_protocol("paper", detector_downsample=4)
+    pose = make_cases(protocol, ph.volume.bone_center_lps(), 1, seed=0)[0].true_pose
+    one = ph.volume.keep_only(ph.labels == L3)
+    with torch.no_grad():
+        full = Projector(ph.volume, protocol.camera)(pose.float())[0]
+        bone = Projector(one, protocol.camera)(pose.float())[0]
+    assert 0 < (bone > 0.02 * bone.max()).sum() < 0.5 * (full > 0.02 * full.max()).sum()
+    assert float(bone.sum()) < 0.4 * float(full.sum())
+
+
+@pytest.fixture(scope="module")
+def spine_case(ph):
+    """The vertebrae alone (labels 1-5: no discs, no soft tissue) and a 64 px X-ray of everything."""
+    protocol = get_protocol("paper", detector_downsample=4)
+    truth = make_cases(protocol, ph.volume.bone_center_lps(), 1, seed=2)[0].true_pose
+    xray = simulate_xray(ph.volume, protocol.camera, truth, dose=1e4, blur_mm=0.6, scatter=0.1, heel=0.1, seed=0)
+    return protocol.camera, truth, xray
+
+
+def mtre_of(ph, pose, truth) -> float:
+    return float((transform_points(pose, ph.landmarks) - transform_points(truth, ph.landmarks)).norm(dim=1).mean())
+
+
+def test_command_line_one_label_set_is_never_silently_wrong(ph, spine_case, tmp_path):
+    """``--ct-label`` end to end: the bones of a CT against an X-ray of the whole body, from an
+    11 mm start. The result must be right (under 2 mm) or flagged, never a quiet miss."""
+    cam, truth, xray = spine_case
+    iso = ph.volume.bone_center_lps()
+    write_ct(ph.volume, tmp_path / "ct.nrrd")
+    write_labels(ph, tmp_path / "labels.nrrd")
+    write_xray(xray.image, tmp_path / "x.nrrd", camera=cam)
+    write_pose_json(perturb_pose(truth, iso, [2.0, -2.0, 2.0], [4.0, -3.0, 10.0]), tmp_path / "init.json")
+    args = ["register", "--ct", str(tmp_path / "ct.nrrd"), "--xray", str(tmp_path / "x.nrrd"), "--init",
+            str(tmp_path / "init.json"), "--method", "intensity", "--mask", "none", "--polarity", "bright",
+            "--ct-label", str(tmp_path / "labels.nrrd"), "--json", "--quiet"]
+    assert corrreg(args + ["--ct-label-values", "1-5", "--output", str(tmp_path / "pose.json")]) == 0
+    out = json.loads((tmp_path / "pose.json").read_text())
+    error = mtre_of(ph, torch.tensor(out["camera_from_ct"], dtype=torch.float64), truth)
+    assert error < 2.0 or out["flagged"], (error, out["verification"])
+    # a value the label map does not hold: refused, nothing written
+    assert corrreg(args + ["--ct-label-values", "99", "--output", str(tmp_path / "p2.json")]) == 2
+    assert not (tmp_path / "p2.json").exists()
+    assert read_ct(tmp_path / "ct.nrrd").data.shape == ph.volume.data.shape  # the input is untouched
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (docs/registration.md, 'One bone in a full image'): the bones of "
+                   "a CT against an X-ray of the whole body do not converge even from 4-5 mm, although the truth "
+                   "scores higher and verifies")
+def test_the_bones_alone_register_from_a_small_offset(ph, spine_case):
+    from CorrRegLib.register import RegistrationSession
+
+    cam, truth, xray = spine_case
+    bones = ph.volume.keep_only((ph.labels >= 1) & (ph.labels <= 5))
+    start = perturb_pose(truth, ph.volume.bone_center_lps(), [1.0, -1.0, 1.0], [2.0, -2.0, 4.0])
+    res = RegistrationSession(bones, xray.image, cam, start, method="intensity", isocenter=bones.bone_center_lps()).run()
+    assert mtre_of(ph, res.pose, truth) < 2.0
