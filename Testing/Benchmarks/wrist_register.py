@@ -19,9 +19,11 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import roma
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -29,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from CorrRegLib.cli_realdata import read_view  # noqa: E402
 from CorrRegLib.geometry import geodesic_distance, invert_pose, rotation_about_point, transform_points  # noqa: E402
 from CorrRegLib.io import read_ct, read_world_pose_json  # noqa: E402
-from CorrRegLib.register import RegistrationSession, View  # noqa: E402
-from CorrRegLib.geometry import euler_to_rotation  # noqa: E402
+from CorrRegLib.register import Level, RegistrationOptions, RegistrationSession, View  # noqa: E402
+from CorrRegLib.volume import MU_WATER_PER_MM, Volume  # noqa: E402
 
 DATA = Path("/work/shared/data/wrist-biplane")
 
@@ -46,6 +48,14 @@ def views(data: Path) -> list[View]:
     return out
 
 
+def load_case(args: argparse.Namespace) -> tuple[Volume, torch.Tensor, list[View]]:
+    """(radius CT, its bone centroid (LPS mm), both views) for ``--ct`` / ``--data``, after setting
+    ``--threads``: what every wrist script starts from."""
+    torch.set_num_threads(args.threads)
+    vol = read_ct(args.ct)
+    return vol, vol.bone_center_lps(), views(Path(args.data))
+
+
 def starts(pose: torch.Tensor, centre: torch.Tensor, n: int, deg: float, mm: float, seed: int) -> list[torch.Tensor]:
     """world_from_ct starts: ``pose`` turned by ``deg`` about a random axis through the bone's
     centroid and moved by ``mm`` in a random direction (world frame)."""
@@ -57,8 +67,6 @@ def starts(pose: torch.Tensor, centre: torch.Tensor, n: int, deg: float, mm: flo
         axis /= np.linalg.norm(axis)
         move = rng.normal(size=3)
         move = move / np.linalg.norm(move) * mm
-        import roma
-
         rot = roma.rotvec_to_rotmat(torch.tensor(axis * math.radians(deg), dtype=torch.float64))
         out.append(rotation_about_point(rot, c, torch.tensor(move, dtype=torch.float64)) @ pose)
     return out
@@ -90,16 +98,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    vol = read_ct(a.ct)
-    centre = vol.bone_center_lps()
-    points = (vol.data > 1.5 * 0.0206).nonzero()[::50].double()
+    vol, centre, vs = load_case(a)
+    points = (vol.data > 1.5 * MU_WATER_PER_MM).nonzero()[::50].double()  # bone voxels, as bone_center_lps
     points = (torch.cat([points.flip(1), torch.ones(len(points), 1, dtype=torch.float64)], 1) @ vol.lps_from_index().T)[:, :3]
-    vs = views(Path(a.data))
-    from dataclasses import replace
-
-    from CorrRegLib.register import Level, RegistrationOptions
-
     options = RegistrationOptions()
     if a.fine:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),

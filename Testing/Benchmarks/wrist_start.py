@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from CorrRegLib.geometry import euler_to_rotation, rotation_about_point  # noqa: E402
-from CorrRegLib.io import read_ct, read_world_pose_json, write_world_pose_json  # noqa: E402
+from CorrRegLib.io import read_world_pose_json, write_world_pose_json  # noqa: E402
 from CorrRegLib.register import Level, RegistrationOptions, RegistrationSession  # noqa: E402
-from wrist_register import DATA, views  # noqa: E402
+from wrist_register import DATA, load_case  # noqa: E402
 
 COARSE = RegistrationOptions(levels=(Level(16, 100, 6.0, "ncc"), Level(32, 100, 3.0, "ncc"), Level(64, 60, 1.0)))
 
@@ -40,11 +40,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    vol = read_ct(a.ct)
-    centre = vol.bone_center_lps()
+    vol, centre, vs = load_case(a)
     init, _ = read_world_pose_json(a.init)
-    vs = views(Path(a.data))
     rows = []
     for flip in (0.0, 180.0):
         roll = 0.0
