@@ -155,7 +155,7 @@ def _options(args):
     if verify is not None:
         if not 0.0 <= verify <= 1.5:
             raise ValueError(f"--verify must lie in [0, 1.5] (0 turns verification off), got {verify}")
-        kw["fallback_below"] = verify if verify > 0 else None
+        kw["fallback_below"] = kw["bone_only_fallback_below"] = verify if verify > 0 else None
     return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, **kw)
 
 

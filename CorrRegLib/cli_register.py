@@ -56,7 +56,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--verify", type=finite_float, metavar="K",
                    help="consistency a result needs to count as registered (how the similarity falls around it "
                         "against the DRR's own decorrelation; registered poses score about 1): below it the next "
-                        "attempt runs and, if none reaches it, the result is flagged (default 0.75; 0 turns "
+                        "attempt runs and, if none reaches it, the result is flagged (default 0.75, 0.85 for a CT "
+                        "that holds only bone; 0 turns "
                         "verification off)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -63,6 +63,12 @@ class RegistrationOptions:
     # projects, grown by this margin (a fraction of the detector width): a CT that holds one bone
     # or a crop is compared with the part of the image it can explain, not with the whole image.
     roi_margin: float = 0.06
+    # A CT that holds one bone and nothing around it (segmented, or restricted to a label) cannot
+    # explain the X-ray's intensities, only its edges: every similarity is then this one (global
+    # NCC on the phantom's vertebrae alone peaks tens of mm off; docs/registration.md). None:
+    # detected from the CT (problem.holds_only_bone); True / False force it.
+    bone_only: bool | None = None
+    bone_only_similarity: str = "gradient_ncc"
 
     # ---- global grid search (methods "auto" and "cmaes" start with it) ---------------------------
     # Rotations: every combination of these offsets (degrees, about the camera axes through the
@@ -104,6 +110,11 @@ class RegistrationOptions:
     # after the network), and the most consistent attempt is kept, flagged when none verifies.
     # None: no check (the paper's ProST-style pipelines).
     fallback_below: float | None = 0.75
+    # The bar for a CT that holds only bone (Problem.bone_only; None: ``fallback_below``). Its
+    # DRR explains less of the X-ray, and a wrong optimum keeps more consistency: on the phantom's
+    # vertebrae alone (one view, 30 runs) registered poses scored 0.86-0.93, wrong ones (the spine
+    # turned 15 deg about its axis, a vertebra off) 0.76-0.80 (docs/registration.md).
+    bone_only_fallback_below: float | None = 0.85
     verify_level: Level = Level(64, 0, 0.0, "ncc")
     max_attempts: int = 3
     seed: int = 0

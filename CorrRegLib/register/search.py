@@ -96,7 +96,7 @@ class GridSearch:
         sv = (my - torch.arange(oh, dtype=torch.float64)) * factor
         u_new, v_new = u0 + su[None, :], v0 + sv[:, None]
         allowed = (u_new >= lu) & (u_new <= hu) & (v_new >= lv) & (v_new <= hv)
-        sim = self.level.similarity or "ncc"
+        sim = problem.similarity_name(self.level.similarity or "ncc")
         found = []  # (score, x)
         best_inverted = -2.0  # the best match of the X-ray with its polarity reversed (-NCC): evidence
         grid = self._grid()

@@ -144,7 +144,10 @@ class RegistrationSession:
         self.problem = Problem(volume, views, self.isocenter, ref_init, self.device, self.options)
         _check_initial_pose(self.problem, ref_init)
         o = self.options
-        self.verifier = None if o.fallback_below is None else Verifier(o.verify_level, o.fallback_below)
+        bar = o.fallback_below
+        if bar is not None and self.problem.bone_only and o.bone_only_fallback_below is not None:
+            bar = o.bone_only_fallback_below
+        self.verifier = None if bar is None else Verifier(o.verify_level, bar)
         self.pipeline = Pipeline(build_attempts(pipeline_name, o, self.verifier, network), self.verifier)
         self._run = RunState(ref_init, self.problem.bounds)
         self.problem.should_stop = lambda: self._run.cancelled

@@ -43,8 +43,9 @@ class Evidence:
 
     def describe(self) -> str:
         f = self.features
+        ncc = f", NCC {f['ncc']:.3f}" if "ncc" in f else ""
         return (f"consistency {f.get('consistency', float('nan')):.2f} (registered poses score about 1), "
-                f"gradient NCC {f.get('gradient_ncc', float('nan')):.3f}, NCC {f.get('ncc', float('nan')):.3f}")
+                f"gradient NCC {f.get('gradient_ncc', float('nan')):.3f}{ncc}")
 
 
 def _perturbations(pose: Tensor, isocenter: Tensor, shift_mm: float, turn_deg: float) -> Tensor:
@@ -115,7 +116,8 @@ class Verifier:
         self.shift_mm, self.turn_deg = shift_mm, turn_deg
 
     def scores(self, problem, poses: Tensor) -> Tensor:
-        """(B,) NCC of X-ray and DRR at ``level`` (views averaged; -1 where non-finite): ranks candidates."""
+        """(B,) NCC of X-ray and DRR at ``level`` (gradient NCC for a bone-only CT; views averaged; -1
+        where non-finite): ranks candidates."""
         out = []
         with torch.no_grad():
             for start in range(0, poses.shape[0], 32):
@@ -130,8 +132,9 @@ class Verifier:
         grad, kappa, falls, pixels = consistency(problem, pose, "gradient_ncc", self.level, self.shift_mm,
                                                  self.turn_deg)
         floor = max(0.05, SIGNIFICANCE / math.sqrt(max(pixels, 1.0)))
-        features = {"ncc": ncc, "gradient_ncc": grad, "consistency": kappa, "falls": falls,
-                    "significance_floor": floor}
+        features = {"gradient_ncc": grad, "consistency": kappa, "falls": falls, "significance_floor": floor}
+        if not problem.bone_only:  # a bone-only CT is ranked on gradient NCC: no intensity NCC to report
+            features["ncc"] = ncc
         plausible = grad >= floor and kappa <= KAPPA_MAX and falls >= FALLS_MIN
         verified = self.bar is None or (plausible and kappa >= self.bar)
         # attempts are ranked by consistency, an implausible one below every plausible one

@@ -8,8 +8,9 @@ world_from_ct JSON (the output of the biplane ``corrreg register``). For each of
 seeded starts (rotation offsets of ``--deg`` and translations of ``--mm`` in random directions
 about the bone's centroid) it runs the biplane registration, and reports the spread of the
 results (max distance of the bone's voxels from their mean position, max rotation from the mean
-pose); then each view alone from the same starts, compared with the biplane pose as in-plane and
-depth errors of the centroid in that view. Prints a JSON summary and writes it to ``--out``.
+pose); then each view alone from the same starts, compared with ``--pose`` as in-plane and
+depth errors of the centroid in that view. Prints a JSON summary and writes it to ``--out``;
+``--part I/N`` splits the starts over processes and ``--join`` gathers their parts.
 """
 
 from __future__ import annotations
@@ -82,6 +83,24 @@ def spread(poses: list[torch.Tensor], points: torch.Tensor) -> tuple[float, floa
     return dist, rot
 
 
+def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_views: int) -> dict:
+    """The spread of the verified biplane results and the single views' medians."""
+    ok = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows if not r["flagged"]]
+    summary = {"starts": len(rows), "verified": len(ok), "median_seconds": float(np.median([r["seconds"] for r in rows]))}
+    if ok:
+        d, r = spread(ok, points)
+        summary.update(spread_mm=d, spread_deg=r, biplane_pose=ok[0].tolist())
+    if single:
+        summary["single_view"] = {
+            f"view {vi + 1}": {stat: float(np.median([s[stat] for s in single if s["view"] == vi + 1]))
+                               for stat in ("in_plane_mm", "depth_mm", "rotation_deg", "seconds")}
+            | {"flagged": sum(s["flagged"] for s in single if s["view"] == vi + 1)}
+            for vi in range(n_views)}
+        summary["single_rows"] = single
+    summary["rows"] = rows
+    return summary
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ct", required=True)
@@ -95,55 +114,56 @@ def main() -> int:
     ap.add_argument("--single", action="store_true", help="also register each view alone from the same starts")
     ap.add_argument("--fine", type=int, default=0, metavar="PX",
                     help="add a finest level of PX pixels across the bone (patch NCC) and verify at half of it")
+    ap.add_argument("--part", default="0/1", metavar="I/N",
+                    help="run only the starts k with k %% N == I (one process per core), writing part-I.json")
+    ap.add_argument("--join", action="store_true", help="join the part-*.json files in --out into summary.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     vol, centre, vs = load_case(a)
     points = (vol.data > 1.5 * MU_WATER_PER_MM).nonzero()[::50].double()  # bone voxels, as bone_center_lps
     points = (torch.cat([points.flip(1), torch.ones(len(points), 1, dtype=torch.float64)], 1) @ vol.lps_from_index().T)[:, :3]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.join:
+        parts = [json.loads(p.read_text()) for p in sorted(out.glob("part-*.json"))]
+        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["start"])
+        single = sorted((r for p in parts for r in p.get("single_rows", [])), key=lambda r: (r["view"], r["start"]))
+        summary = summarize(rows, single, points, len(vs)) | {"perturbation": parts[0]["perturbation"]}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
+        return 0
+    part, n_parts = (int(x) for x in a.part.split("/"))
     options = RegistrationOptions()
     if a.fine:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
                           verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))
     pose, _ = read_world_pose_json(a.pose)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    mine = [(k, s) for k, s in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)) if k % n_parts == part]
     rows = []
-    for k, start in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)):
+    for k, start in mine:
         t = time.perf_counter()
         res = RegistrationSession(vol, initial_pose=start, views=vs, method=a.method, isocenter=centre,
                                   options=options).run()
         rows.append({"start": k, "world_from_ct": res.pose.tolist(), "flagged": res.flagged, "seconds": time.perf_counter() - t,
                      "evidence": res.evidence, "start_offset_mm": float((transform_points(start, points) - transform_points(pose, points)).norm(dim=1).mean())})
         print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "world_from_ct"}), flush=True)
-    ok = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows if not r["flagged"]]
-    summary = {"starts": a.starts, "perturbation": f"{a.deg:g} deg, {a.mm:g} mm", "verified": len(ok),
-               "median_seconds": float(np.median([r["seconds"] for r in rows]))}
-    if ok:
-        d, r = spread(ok, points)
-        mean_pose = ok[0]
-        summary.update(spread_mm=d, spread_deg=r, biplane_pose=mean_pose.tolist())
-    if a.single and ok:
-        ref = ok[0]
-        single = []
+    single = []
+    if a.single:
+        # each view alone, compared with the given pose (pass the biplane result as --pose)
         for vi, v in enumerate(vs):
-            for k, start in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)):
-                cam_start = v.camera_from_world @ start
+            for k, start in mine:
                 t = time.perf_counter()
-                res = RegistrationSession(vol, v.image, v.camera, cam_start, mask=v.mask, method=a.method,
+                res = RegistrationSession(vol, v.image, v.camera, v.camera_from_world @ start, mask=v.mask, method=a.method,
                                           isocenter=centre, options=options).run()
-                err = transform_points(res.pose, centre.reshape(1, 3))[0] - transform_points(v.camera_from_world @ ref, centre.reshape(1, 3))[0]
-                rot = float(geodesic_distance(invert_pose(v.camera_from_world) @ res.pose, ref)[0])
+                err = transform_points(res.pose, centre.reshape(1, 3))[0] - transform_points(v.camera_from_world @ pose, centre.reshape(1, 3))[0]
+                rot = float(geodesic_distance(invert_pose(v.camera_from_world) @ res.pose, pose)[0])
                 single.append({"view": vi + 1, "start": k, "flagged": res.flagged, "in_plane_mm": float(err[:2].norm()),
                                "depth_mm": float(err[2].abs()), "rotation_deg": rot, "seconds": time.perf_counter() - t})
                 print(json.dumps(single[-1]), flush=True)
-        summary["single_view"] = {
-            f"view {vi + 1}": {stat: float(np.median([s[stat] for s in single if s["view"] == vi + 1]))
-                               for stat in ("in_plane_mm", "depth_mm", "rotation_deg", "seconds")}
-            for vi in range(len(vs))}
-        summary["single_rows"] = single
-    summary["rows"] = rows
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = summarize(rows, single, points, len(vs)) | {"perturbation": f"{a.deg:g} deg, {a.mm:g} mm"}
+    name = "summary.json" if n_parts == 1 else f"part-{part}.json"
+    (out / name).write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
     return 0
 

@@ -52,7 +52,7 @@ def main() -> int:
                                       method="intensity", options=COARSE, isocenter=centre).run()
             e = res.evidence
             rows.append({"flip_deg": flip, "roll_deg": roll, "verified": bool(e["verified"]),
-                         "consistency": e["consistency"], "gradient_ncc": e["gradient_ncc"], "ncc": e["ncc"],
+                         "consistency": e["consistency"], "gradient_ncc": e["gradient_ncc"], "ncc": e.get("ncc"),
                          "seconds": time.perf_counter() - t, "pose": res.pose})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "pose"}), flush=True)
             roll += a.step

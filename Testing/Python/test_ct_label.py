@@ -14,6 +14,7 @@ from CorrRegLib.io import read_ct, read_ct_label, write_ct, write_pose_json, wri
 from CorrRegLib.phantom import small_phantom
 from CorrRegLib.projector import Projector
 from CorrRegLib.protocols import get_protocol, make_cases, perturb_pose
+from CorrRegLib.register import RegistrationSession
 from CorrRegLib.simulate import simulate_xray
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,14 +99,46 @@ def test_command_line_one_label_set_is_never_silently_wrong(ph, spine_case, tmp_
     assert read_ct(tmp_path / "ct.nrrd").data.shape == ph.volume.data.shape  # the input is untouched
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (docs/registration.md, 'One bone in a full image'): the bones of "
-                   "a CT against an X-ray of the whole body do not converge even from 4-5 mm, although the truth "
-                   "scores higher and verifies")
-def test_the_bones_alone_register_from_a_small_offset(ph, spine_case):
-    from CorrRegLib.register import RegistrationSession
+def test_a_ct_of_bone_alone_is_told_from_a_body_ct(ph):
+    from CorrRegLib.register.problem import holds_only_bone
 
+    assert not holds_only_bone(ph.volume)  # soft tissue centimetres from any bone
+    assert holds_only_bone(ph.volume.keep_only((ph.labels >= 1) & (ph.labels <= 5)))
+    assert holds_only_bone(ph.volume.keep_only(ph.labels == L3))
+    # a label drawn with a 3-voxel shell of soft tissue around the bone is still one bone
+    shell = torch.nn.functional.max_pool3d((ph.labels == L3).float()[None, None], 7, stride=1, padding=3)[0, 0] > 0
+    assert holds_only_bone(ph.volume.keep_only(shell))
+
+
+def test_a_bone_alone_is_compared_on_gradients_where_intensities_mislead(ph, spine_case):
+    """Why the similarity changes for a bone-only CT: against an X-ray of the whole body, global
+    NCC of the vertebrae alone scores a pose 30 mm off in depth above the truth; gradient NCC
+    does not. A body CT keeps its intensity similarities."""
+    cam, truth, xray = spine_case
+    bones = ph.volume.keep_only((ph.labels >= 1) & (ph.labels <= 5))
+    from CorrRegLib.register import Level, RegistrationOptions
+
+    off = torch.eye(4, dtype=torch.float64)
+    off[2, 3] = 30.0  # 30 mm along the principal ray
+    poses = torch.stack([truth, off @ truth])
+    forced = RegistrationSession(bones, xray.image, cam, truth, method="intensity",
+                                 options=RegistrationOptions(bone_only=False)).problem
+    auto = RegistrationSession(bones, xray.image, cam, truth, method="intensity").problem
+    body = RegistrationSession(ph.volume, xray.image, cam, truth, method="intensity").problem
+    assert auto.bone_only and not forced.bone_only and not body.bone_only
+    with torch.no_grad():
+        ncc, _ = forced.similarity(poses, Level(16, 0, 0.0, "ncc"))
+        grad, _ = auto.similarity(poses, Level(16, 0, 0.0, "ncc"))  # asked for NCC, given gradient NCC
+    assert float(ncc[1]) > float(ncc[0])  # the intensity similarity prefers the wrong depth
+    assert float(grad[0]) > float(grad[1])
+    assert body.similarity_name("ncc") == "ncc" and auto.similarity_name("patch_ncc") == "gradient_ncc"
+
+
+def test_the_bones_alone_register_from_a_small_offset(ph, spine_case):
+    """Once the defect of the last release (docs/registration.md): from a 4-5 mm start the bones
+    alone drifted off by tens of millimetres on global NCC."""
     cam, truth, xray = spine_case
     bones = ph.volume.keep_only((ph.labels >= 1) & (ph.labels <= 5))
     start = perturb_pose(truth, ph.volume.bone_center_lps(), [1.0, -1.0, 1.0], [2.0, -2.0, 4.0])
     res = RegistrationSession(bones, xray.image, cam, start, method="intensity", isocenter=bones.bone_center_lps()).run()
-    assert mtre_of(ph, res.pose, truth) < 2.0
+    assert mtre_of(ph, res.pose, truth) < 2.0 and not res.flagged, (mtre_of(ph, res.pose, truth), res.message)
