@@ -18,6 +18,8 @@ Tensor = torch.Tensor
 
 #: Linear attenuation of water (1/mm) at an effective energy of about 60 keV.
 MU_WATER_PER_MM = 0.0206
+#: Voxels denser than this count as bone (1.5 x water attenuation, about +500 HU).
+BONE_MU_PER_MM = 1.5 * MU_WATER_PER_MM
 
 #: The fewest voxels along each axis of a CT that can be registered (its pyramid halves it).
 MIN_CT_VOXELS_PER_AXIS = 4
@@ -100,7 +102,7 @@ class Volume:
 
     def bone_center_lps(self, threshold: float | None = None) -> Tensor:
         """Centroid (LPS) of voxels denser than ``threshold`` (default: 1.5 x water attenuation)."""
-        thr = 1.5 * MU_WATER_PER_MM if threshold is None else threshold
+        thr = BONE_MU_PER_MM if threshold is None else threshold
         mask = self.data > thr
         if not bool(mask.any()):
             raise ValueError("the CT has no voxels denser than soft tissue (no bone found)")

@@ -21,7 +21,7 @@ import torch
 
 from ..geometry import Camera
 from ..protocols import Protocol, get_protocol
-from ..volume import MU_WATER_PER_MM, Volume, attenuation_to_hu
+from ..volume import BONE_MU_PER_MM, Volume, attenuation_to_hu
 from .sources import SourceCT, XraySource, get_source
 
 Tensor = torch.Tensor
@@ -203,7 +203,7 @@ def check_targets_inside(volume: Volume, points: Tensor, what: str = "targets") 
 
 def bone_voxel_targets(volume: Volume, n: int = 20, seed: int = 0) -> Tensor:
     """A fixed seeded sample of ``n`` voxel centres denser than 1.5 x water attenuation (LPS)."""
-    idx = (volume.data > 1.5 * MU_WATER_PER_MM).nonzero()
+    idx = (volume.data > BONE_MU_PER_MM).nonzero()
     if idx.shape[0] == 0:
         raise ValueError("the CT has no bone (no voxel above 1.5 x water attenuation); give --targets")
     rng = np.random.default_rng(seed)

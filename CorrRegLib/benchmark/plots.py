@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..metrics import SUCCESS_THRESHOLDS_MM, capture_range
-from ..volume import MU_WATER_PER_MM
+from ..volume import BONE_MU_PER_MM
 from .cases import generate_cases
 from .config import BenchmarkSetup
 
@@ -77,7 +77,7 @@ def save_plots(out: Path, setup: BenchmarkSetup, rows: list[dict], methods: Sequ
     xrays = {c.index: c.xray for c in generate_cases(setup, needed)}
     # Edges of a bone-only DRR: the full DRR's strongest edges are the CT box's borders.
     vol = setup.volume
-    bone = replace(vol, data=torch.where(vol.data > 1.5 * MU_WATER_PER_MM, vol.data, torch.zeros_like(vol.data)))
+    bone = replace(vol, data=torch.where(vol.data > BONE_MU_PER_MM, vol.data, torch.zeros_like(vol.data)))
     cam = setup.protocol.camera
     proj = Projector(bone, cam).to(setup.device)
     fig, axes = plt.subplots(len(picks), 3, figsize=(9, 3.1 * len(picks)), dpi=100, squeeze=False)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..geometry import Camera, invert_pose, transform_points
 from ..projector import AIR_THRESHOLD, Projector
 from ..similarity import get_similarity
-from ..volume import MU_WATER_PER_MM, Volume
+from ..volume import BONE_MU_PER_MM, Volume
 from .bounds import PoseBounds
 from .options import Level, RegistrationOptions
 from .views import View
@@ -67,7 +67,7 @@ def holds_only_bone(volume: Volume, distance_mm: float = 10.0, share: float = 0.
     what the X-ray does show: Problem compares image gradients instead."""
     d = volume.data
     tissue = d > AIR_THRESHOLD
-    bone = (d > 1.5 * MU_WATER_PER_MM).float()[None, None]
+    bone = (d > BONE_MU_PER_MM).float()[None, None]
     if not bool(bone.any()):
         return False
     near = bone

@@ -128,13 +128,12 @@ class Verifier:
 
     def evidence(self, problem, pose: Tensor) -> Evidence:
         pose = pose.detach().cpu().double().reshape(4, 4)
-        ncc = float(self.scores(problem, pose[None])[0])
         grad, kappa, falls, pixels = consistency(problem, pose, "gradient_ncc", self.level, self.shift_mm,
                                                  self.turn_deg)
         floor = max(0.05, SIGNIFICANCE / math.sqrt(max(pixels, 1.0)))
         features = {"gradient_ncc": grad, "consistency": kappa, "falls": falls, "significance_floor": floor}
-        if not problem.bone_only:  # a bone-only CT is ranked on gradient NCC: no intensity NCC to report
-            features["ncc"] = ncc
+        if not problem.bone_only:  # a bone-only CT is ranked on gradient NCC (grad): no intensity NCC to report
+            features["ncc"] = float(self.scores(problem, pose[None])[0])
         plausible = grad >= floor and kappa <= KAPPA_MAX and falls >= FALLS_MIN
         verified = self.bar is None or (plausible and kappa >= self.bar)
         # attempts are ranked by consistency, an implausible one below every plausible one

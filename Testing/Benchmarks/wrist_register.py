@@ -33,7 +33,7 @@ from CorrRegLib.cli_realdata import read_view  # noqa: E402
 from CorrRegLib.geometry import geodesic_distance, invert_pose, rotation_about_point, transform_points  # noqa: E402
 from CorrRegLib.io import read_ct, read_world_pose_json  # noqa: E402
 from CorrRegLib.register import Level, RegistrationOptions, RegistrationSession, View  # noqa: E402
-from CorrRegLib.volume import MU_WATER_PER_MM, Volume  # noqa: E402
+from CorrRegLib.volume import BONE_MU_PER_MM, Volume  # noqa: E402
 
 DATA = Path("/work/shared/data/wrist-biplane")
 
@@ -121,7 +121,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     vol, centre, vs = load_case(a)
-    points = (vol.data > 1.5 * MU_WATER_PER_MM).nonzero()[::50].double()  # bone voxels, as bone_center_lps
+    points = (vol.data > BONE_MU_PER_MM).nonzero()[::50].double()  # bone voxels, as bone_center_lps
     points = (torch.cat([points.flip(1), torch.ones(len(points), 1, dtype=torch.float64)], 1) @ vol.lps_from_index().T)[:, :3]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
