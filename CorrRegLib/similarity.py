@@ -86,6 +86,57 @@ def gradient_ncc(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) -> T
     return 0.5 * (ncc(fx, mx, mask) + ncc(fy, my, mask))
 
 
+def ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, region: Tensor | None = None) -> Tensor:
+    """Normalised gradient fields: the share of the moving image's edge structure that the fixed
+    image shows, in [0, 1].
+
+    Each image's gradient is normalised to n = g / sqrt(|g|^2 + eps^2), eps its mean gradient
+    magnitude over the compared pixels, so an edge counts by its direction, not its contrast:
+    the body outline against air, or the strong edge of a marker, weigh no more than a bone's
+    cortex. The score is sum_mask (n_f . n_m)^2 / sum_region |n_m|^2: where both images have an
+    edge of the same orientation it earns up to 1 (the sign is ignored, as in Haber and
+    Modersitzki's NGF), an edge of the moving image the fixed one does not show earns nothing, and
+    so does one that lies in ``region`` outside ``mask``. ``region`` (default: ``mask``) is where
+    the moving image's structure counts: the CT's whole projection, also beyond the detector or
+    the field of view, so that a pose cannot hide part of the bone where the X-ray shows nothing.
+    """
+    fixed, moving = torch.broadcast_tensors(fixed, moving)
+    fx, fy = image_gradients(fixed)
+    mx, my = image_gradients(moving)
+    seen = _weights(moving, mask)
+    if mask is not None:  # derivatives across the mask border are artefacts of collimation
+        seen = -F.max_pool2d(-seen, 3, stride=1, padding=1)
+    counted = seen if region is None else torch.maximum(region.to(moving.dtype), seen)
+    f_mag2, m_mag2 = fx * fx + fy * fy, mx * mx + my * my
+
+    def eps2(mag2: Tensor, w: Tensor) -> Tensor:  # (mean gradient magnitude over w)^2
+        w = w.expand_as(mag2)
+        mean = (((mag2 + EPS * EPS).sqrt() * w).sum((1, 2, 3), keepdim=True)
+                / w.sum((1, 2, 3), keepdim=True).clamp(min=EPS))
+        return mean.square().clamp(min=EPS)
+
+    f_norm = (f_mag2 + eps2(f_mag2, seen)).sqrt()
+    m_norm2 = m_mag2 + eps2(m_mag2, counted)
+    dot = (fx * mx + fy * my) / f_norm
+    matched = (seen * dot * dot / m_norm2).sum((1, 2, 3))
+    present = (counted * m_mag2 / m_norm2).sum((1, 2, 3))
+    return matched / present.clamp(min=EPS)
+
+
+def gradient_ncc_ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, region: Tensor | None = None) -> Tensor:
+    """Mean of gradient NCC over ``mask`` and NGF (with ``region``): gradient NCC's wide, depth-
+    sensitive basin, and NGF's penalty on edges the fixed image does not show or cannot see."""
+    return 0.5 * (gradient_ncc(fixed, moving, mask) + ngf(fixed, moving, mask, region))
+
+
+#: Similarities of edges alone (no intensity term): what a CT that holds only bone can be compared on.
+EDGES_ONLY = frozenset({"gradient_ncc", "multiscale_gradient_ncc", "ngf", "gradient_ncc+ngf"})
+
+#: Similarities that take ``region``: the moving image's structure counts there even where the
+#: fixed image is not seen (Problem renders them on a canvas beyond the detector).
+COUNTS_UNSEEN = frozenset({"ngf", "gradient_ncc+ngf"})
+
+
 def multiscale(
     fn: Callable[..., Tensor], fixed: Tensor, moving: Tensor, mask: Tensor | None = None,
     scales: Sequence[int] = (1, 2, 4), **kwargs,
@@ -104,6 +155,8 @@ SIMILARITIES: dict[str, Callable[..., Tensor]] = {
     "ncc": ncc,
     "patch_ncc": patch_ncc,
     "gradient_ncc": gradient_ncc,
+    "ngf": ngf,
+    "gradient_ncc+ngf": gradient_ncc_ngf,
     "multiscale_ncc": lambda f, m, k=None: multiscale(ncc, f, m, k),
     "multiscale_gradient_ncc": lambda f, m, k=None: multiscale(gradient_ncc, f, m, k),
     # The default for intensity registration: global structure from NCC, edges from the

@@ -63,12 +63,15 @@ class RegistrationOptions:
     # projects, grown by this margin (a fraction of the detector width): a CT that holds one bone
     # or a crop is compared with the part of the image it can explain, not with the whole image.
     roi_margin: float = 0.06
+    # A similarity that counts the CT's whole projection (similarity.COUNTS_UNSEEN) renders it on
+    # the detector extended by this fraction of the CT's footprint on every side.
+    unseen_margin: float = 0.5
     # A CT that holds one bone and nothing around it (segmented, or restricted to a label) cannot
     # explain the X-ray's intensities, only its edges: every similarity is then this one (global
     # NCC on the phantom's vertebrae alone peaks tens of mm off; docs/registration.md). None:
     # detected from the CT (problem.holds_only_bone); True / False force it.
     bone_only: bool | None = None
-    bone_only_similarity: str = "gradient_ncc"
+    bone_only_similarity: str = "gradient_ncc+ngf"
 
     # ---- global grid search (methods "auto" and "cmaes" start with it) ---------------------------
     # Rotations: every combination of these offsets (degrees, about the camera axes through the

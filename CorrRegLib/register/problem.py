@@ -9,12 +9,14 @@ on image gradients (holds_only_bone).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from ..geometry import Camera, invert_pose, transform_points
 from ..projector import AIR_THRESHOLD, Projector
-from ..similarity import get_similarity
+from ..similarity import COUNTS_UNSEEN, EDGES_ONLY, get_similarity
 from ..volume import BONE_MU_PER_MM, Volume
 from .bounds import PoseBounds
 from .options import Level, RegistrationOptions
@@ -175,48 +177,77 @@ class Problem:
                                               samples_per_voxel=self.options.samples_per_voxel).to(self.device)
         return self._projectors[key]
 
-    def fixed(self, view: int, camera: Camera) -> tuple[Tensor, Tensor | None]:
-        """The view's X-ray (1, 1, h, w) and usable-pixel mask (float, or None) at ``camera``'s size."""
+    def fixed(self, view: int, camera: Camera, pad: int = 0) -> tuple[Tensor, Tensor | None]:
+        """The view's X-ray (1, 1, h, w) and usable-pixel mask (float, or None) at ``camera``'s size;
+        ``pad`` > 0: both extended by that many pixels on every side, the X-ray with zeros and the
+        mask with unusable pixels (a mask is then always returned)."""
         size = (camera.height, camera.width)
-        key = (view, size)
+        key = (view, size, pad)
         if key not in self._fixed:
             v = self.views[view]
             img = resize(v.image[None, None].to(self.device), size)
             mask = None
             if v.mask is not None:
                 mask = (resize(v.mask[None, None].float().to(self.device), size) > 0.99).float()
+            if pad > 0:
+                mask = F.pad(torch.ones_like(img) if mask is None else mask, (pad,) * 4)
+                img = F.pad(img, (pad,) * 4)
             self._fixed[key] = (img, mask)
         return self._fixed[key]
 
-    # ---- rendering and similarity ----------------------------------------------------------------
-    def render(self, ref_poses: Tensor, view: int, level: Level) -> Tensor:
-        """DRRs (B, 1, h, w) of ``view`` at ``level`` for (B, 4, 4) reference poses (differentiable)."""
-        poses = self.view_from_ref[view].to(ref_poses) @ ref_poses
-        return self.projector(view, level)(poses.float())
+    def canvas(self, view: int, level: Level) -> tuple[Camera, int]:
+        """(camera, pad): the view's detector at ``level`` extended by ``pad`` pixels on every side,
+        ``options.unseen_margin`` x the CT's footprint: where a similarity that counts unseen
+        structure (similarity.COUNTS_UNSEEN) sees the part of the CT's projection that falls off
+        the detector."""
+        cam = self.level_camera(view, level)
+        scale = cam.width / self.views[view].camera.width
+        pad = max(1, round(self.options.unseen_margin * self.footprint_px(view) * scale))
+        cx, cy = cam.principal_point
+        return replace(cam, size=(cam.width + 2 * pad, cam.height + 2 * pad), principal_point=(cx + pad, cy + pad)), pad
 
-    def roi(self, drr: Tensor, fov: Tensor | None) -> Tensor:
-        """(B, 1, h, w) float mask: where the CT projects, grown by ``roi_margin`` (shrunk by it for a
-        cropped CT: see is_cropped), inside ``fov``."""
+    # ---- rendering and similarity ----------------------------------------------------------------
+    def render(self, ref_poses: Tensor, view: int, level: Level, camera: Camera | None = None) -> Tensor:
+        """DRRs (B, 1, h, w) of ``view`` at ``level`` (on ``camera``, default the level's detector) for
+        (B, 4, 4) reference poses (differentiable)."""
+        poses = self.view_from_ref[view].to(ref_poses) @ ref_poses
+        return self.projector(view, level, camera)(poses.float())
+
+    def roi(self, drr: Tensor, fov: Tensor | None, width: int | None = None) -> Tensor:
+        """(B, 1, h, w) float mask: where the CT projects, grown by ``roi_margin`` x ``width`` (the
+        detector's width in the DRR's pixels; default the DRR's width) or shrunk by it for a cropped
+        CT (see is_cropped), inside ``fov``."""
         d = drr.detach()
         support = (d > SUPPORT_FRACTION * d.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(d.dtype)
-        mask = grow(support, self.roi_sign * max(1, round(self.options.roi_margin * d.shape[-1])))
+        margin = max(1, round(self.options.roi_margin * (width or d.shape[-1])))
+        mask = grow(support, self.roi_sign * margin)
         return mask if fov is None else mask * fov
 
     def similarity_name(self, name: str) -> str:
-        """The similarity a stage asking for ``name`` gets: an intensity similarity becomes
-        ``options.bone_only_similarity`` for a CT that holds only bone (see holds_only_bone)."""
-        if self.bone_only and "gradient" not in name:
+        """The similarity a stage asking for ``name`` gets: one with an intensity term (similarity.
+        EDGES_ONLY lists those without) becomes ``options.bone_only_similarity`` for a CT that holds
+        only bone (see holds_only_bone)."""
+        if self.bone_only and name not in EDGES_ONLY:
             return self.options.bone_only_similarity
         return name
 
     def similarity(self, ref_poses: Tensor, level: Level, name: str | None = None) -> tuple[Tensor, list[Tensor]]:
         """(B,) similarity averaged over the views, and the DRRs; differentiable in the poses."""
-        sim = get_similarity(self.similarity_name(name or level.similarity or self.options.similarity))
+        chosen = self.similarity_name(name or level.similarity or self.options.similarity)
+        sim = get_similarity(chosen)
         total, drrs = 0.0, []
         for v in range(len(self.views)):
-            drr = self.render(ref_poses, v, level)
-            fixed, fov = self.fixed(v, self.level_camera(v, level))
-            total = total + sim(fixed, drr, self.roi(drr, fov))
+            if chosen in COUNTS_UNSEEN:
+                # the whole projection counts, also where it leaves the detector or the usable field
+                camera, pad = self.canvas(v, level)
+                drr = self.render(ref_poses, v, level, camera)
+                fixed, usable = self.fixed(v, self.level_camera(v, level), pad)
+                region = self.roi(drr, None, camera.width - 2 * pad)
+                total = total + sim(fixed, drr, region * usable, region)
+            else:
+                drr = self.render(ref_poses, v, level)
+                fixed, fov = self.fixed(v, self.level_camera(v, level))
+                total = total + sim(fixed, drr, self.roi(drr, fov))
             drrs.append(drr)
         return total / len(self.views), drrs
 

@@ -112,8 +112,9 @@ def test_a_ct_of_bone_alone_is_told_from_a_body_ct(ph):
 
 def test_a_bone_alone_is_compared_on_gradients_where_intensities_mislead(ph, spine_case):
     """Why the similarity changes for a bone-only CT: against an X-ray of the whole body, global
-    NCC of the vertebrae alone scores a pose 30 mm off in depth above the truth; gradient NCC
-    does not. A body CT keeps its intensity similarities."""
+    NCC of the vertebrae alone scores a pose 30 mm off in depth above the truth at 32 px; the
+    bone-only similarity (gradient NCC + NGF) does not, nor does gradient NCC alone at 16 px (where
+    NGF's half is flat in depth). A body CT keeps its intensity similarities."""
     cam, truth, xray = spine_case
     bones = ph.volume.keep_only((ph.labels >= 1) & (ph.labels <= 5))
     from CorrRegLib.register import Level, RegistrationOptions
@@ -127,11 +128,36 @@ def test_a_bone_alone_is_compared_on_gradients_where_intensities_mislead(ph, spi
     body = RegistrationSession(ph.volume, xray.image, cam, truth, method="intensity").problem
     assert auto.bone_only and not forced.bone_only and not body.bone_only
     with torch.no_grad():
-        ncc, _ = forced.similarity(poses, Level(16, 0, 0.0, "ncc"))
-        grad, _ = auto.similarity(poses, Level(16, 0, 0.0, "ncc"))  # asked for NCC, given gradient NCC
+        ncc, _ = forced.similarity(poses, Level(32, 0, 0.0, "ncc"))
+        edges, _ = auto.similarity(poses, Level(32, 0, 0.0, "ncc"))  # asked for NCC, given gradient NCC + NGF
+        grad, _ = auto.similarity(poses, Level(16, 0, 0.0, "gradient_ncc"))
     assert float(ncc[1]) > float(ncc[0])  # the intensity similarity prefers the wrong depth
-    assert float(grad[0]) > float(grad[1])
-    assert body.similarity_name("ncc") == "ncc" and auto.similarity_name("patch_ncc") == "gradient_ncc"
+    assert float(edges[0]) > float(edges[1]) and float(grad[0]) > float(grad[1])
+    assert body.similarity_name("ncc") == "ncc" and auto.similarity_name("patch_ncc") == "gradient_ncc+ngf"
+    assert auto.similarity_name("ncc+gradient_ncc") == "gradient_ncc+ngf"  # an intensity half is dropped too
+    assert auto.similarity_name("gradient_ncc") == "gradient_ncc"  # edges alone are kept as asked
+
+
+def test_a_bone_pushed_off_the_detector_cannot_hide_its_shadow(ph, spine_case):
+    """The bone-only similarity (gradient NCC + NGF) renders the CT beyond the detector and counts
+    what falls there as unexplained (NGF's half), so moving the vertebrae partly off the detector
+    lowers the score."""
+    cam, truth, xray = spine_case
+    bones = ph.volume.keep_only((ph.labels >= 1) & (ph.labels <= 5))
+    from CorrRegLib.register import Level
+
+    problem = RegistrationSession(bones, xray.image, cam, truth, method="intensity").problem
+    level = Level(32, 0, 0.0, "ncc")
+    canvas, pad = problem.canvas(0, level)
+    detector = problem.level_camera(0, level)
+    assert pad >= 1 and canvas.width == detector.width + 2 * pad and canvas.height == detector.height + 2 * pad
+    off = torch.eye(4, dtype=torch.float64)
+    off[1, 3] = 0.45 * cam.height * cam.pixel_spacing[1] * float(truth[2, 3]) / cam.sdd  # 45 % of the detector down
+    with torch.no_grad():
+        score, drrs = problem.similarity(torch.stack([truth, off @ truth]), level)
+    beyond = drrs[0][1, 0, pad + detector.height:, :]  # the canvas rows below the detector
+    assert float(beyond.sum()) > 0.1 * float(drrs[0][1].sum())  # the moved bones are rendered there
+    assert float(score[0]) > float(score[1]) + 0.05
 
 
 def test_the_bones_alone_register_from_a_small_offset(ph, spine_case):
