@@ -68,8 +68,10 @@ class RegistrationOptions:
     unseen_margin: float = 0.5
     # A CT that holds one bone and nothing around it (segmented, or restricted to a label) cannot
     # explain the X-ray's intensities, only its edges: every similarity is then this one (global
-    # NCC on the phantom's vertebrae alone peaks tens of mm off; docs/registration.md). None:
-    # detected from the CT (problem.holds_only_bone); True / False force it.
+    # NCC on the phantom's vertebrae alone peaks tens of mm off; docs/registration.md). Its NGF
+    # half counts the CT's edges beyond the detector as unexplained (gradient NCC alone rewarded
+    # pushing the wrist's radius off the detector). None: detected from the CT
+    # (problem.holds_only_bone); True / False force it.
     bone_only: bool | None = None
     bone_only_similarity: str = "gradient_ncc+ngf"
 
