@@ -75,38 +75,29 @@ def image_gradients(img: Tensor) -> tuple[Tensor, Tensor]:
     return F.conv2d(padded, kx), F.conv2d(padded, ky)
 
 
+def _derivatives(fixed: Tensor, moving: Tensor, mask: Tensor | None):
+    """((fx, fy), (mx, my), mask): Sobel derivatives of both images (broadcast) and the mask eroded
+    by one pixel, since derivatives across the mask border are artefacts of collimation, not
+    anatomy (None stays None)."""
+    fixed, moving = torch.broadcast_tensors(fixed, moving)
+    if mask is not None:
+        mask = -F.max_pool2d(-mask.to(moving.dtype), 3, stride=1, padding=1)
+    return image_gradients(fixed), image_gradients(moving), mask
+
+
+def _gradient_ncc(f: tuple[Tensor, Tensor], m: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    return 0.5 * (ncc(f[0], m[0], mask) + ncc(f[1], m[1], mask))
+
+
 def gradient_ncc(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) -> Tensor:
     """Gradient correlation: mean of the NCCs of the x and y image derivatives."""
-    fixed, moving = torch.broadcast_tensors(fixed, moving)
-    fx, fy = image_gradients(fixed)
-    mx, my = image_gradients(moving)
-    if mask is not None:
-        # Derivatives across the mask border are artefacts of collimation, not anatomy.
-        mask = -F.max_pool2d(-mask.to(moving.dtype), 3, stride=1, padding=1)
-    return 0.5 * (ncc(fx, mx, mask) + ncc(fy, my, mask))
+    return _gradient_ncc(*_derivatives(fixed, moving, mask))
 
 
-def ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, region: Tensor | None = None) -> Tensor:
-    """Normalised gradient fields: the share of the moving image's edge structure that the fixed
-    image shows, in [0, 1].
-
-    Each image's gradient is normalised to n = g / sqrt(|g|^2 + eps^2), eps its mean gradient
-    magnitude over the compared pixels, so an edge counts by its direction, not its contrast:
-    the body outline against air, or the strong edge of a marker, weigh no more than a bone's
-    cortex. The score is sum_mask (n_f . n_m)^2 / sum_region |n_m|^2: where both images have an
-    edge of the same orientation it earns up to 1 (the sign is ignored, as in Haber and
-    Modersitzki's NGF), an edge of the moving image the fixed one does not show earns nothing, and
-    so does one that lies in ``region`` outside ``mask``. ``region`` (default: ``mask``) is where
-    the moving image's structure counts: the CT's whole projection, also beyond the detector or
-    the field of view, so that a pose cannot hide part of the bone where the X-ray shows nothing.
-    """
-    fixed, moving = torch.broadcast_tensors(fixed, moving)
-    fx, fy = image_gradients(fixed)
-    mx, my = image_gradients(moving)
-    seen = _weights(moving, mask)
-    if mask is not None:  # derivatives across the mask border are artefacts of collimation
-        seen = -F.max_pool2d(-seen, 3, stride=1, padding=1)
-    counted = seen if region is None else torch.maximum(region.to(moving.dtype), seen)
+def _ngf(f: tuple[Tensor, Tensor], m: tuple[Tensor, Tensor], mask: Tensor | None, region: Tensor | None) -> Tensor:
+    (fx, fy), (mx, my) = f, m
+    seen = _weights(mx, mask)
+    counted = seen if region is None else torch.maximum(region.to(mx.dtype), seen)
     f_mag2, m_mag2 = fx * fx + fy * fy, mx * mx + my * my
 
     def eps2(mag2: Tensor, w: Tensor) -> Tensor:  # (mean gradient magnitude over w)^2
@@ -123,10 +114,30 @@ def ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, region: Tenso
     return matched / present.clamp(min=EPS)
 
 
+def ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, region: Tensor | None = None) -> Tensor:
+    """Normalised gradient fields: the share of the moving image's edge structure that the fixed
+    image shows, in [0, 1].
+
+    Each image's gradient is normalised to n = g / sqrt(|g|^2 + eps^2), eps its mean gradient
+    magnitude over the compared pixels, so an edge counts by its direction, not its contrast:
+    the body outline against air, or the strong edge of a marker, weigh no more than a bone's
+    cortex. The score is sum_mask (n_f . n_m)^2 / sum_region |n_m|^2: where both images have an
+    edge of the same orientation it earns up to 1 (the sign is ignored, as in Haber and
+    Modersitzki's NGF), an edge of the moving image the fixed one does not show earns nothing, and
+    so does one that lies in ``region`` outside ``mask``. ``region`` (default: ``mask``) is where
+    the moving image's structure counts: the CT's whole projection, also beyond the detector or
+    the field of view, so that a pose cannot hide part of the bone where the X-ray shows nothing.
+    """
+    f, m, mask = _derivatives(fixed, moving, mask)
+    return _ngf(f, m, mask, region)
+
+
 def gradient_ncc_ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, region: Tensor | None = None) -> Tensor:
     """Mean of gradient NCC over ``mask`` and NGF (with ``region``): gradient NCC's wide, depth-
-    sensitive basin, and NGF's penalty on edges the fixed image does not show or cannot see."""
-    return 0.5 * (gradient_ncc(fixed, moving, mask) + ngf(fixed, moving, mask, region))
+    sensitive basin, and NGF's penalty on edges the fixed image does not show or cannot see. The
+    derivatives are taken once for both."""
+    f, m, mask = _derivatives(fixed, moving, mask)
+    return 0.5 * (_gradient_ncc(f, m, mask) + _ngf(f, m, mask, region))
 
 
 #: Similarities of edges alone (no intensity term): what a CT that holds only bone can be compared on.
