@@ -235,19 +235,18 @@ class Problem:
         """(B,) similarity averaged over the views, and the DRRs; differentiable in the poses."""
         chosen = self.similarity_name(name or level.similarity or self.options.similarity)
         sim = get_similarity(chosen)
+        # a similarity in COUNTS_UNSEEN sees the whole projection, also where it leaves the detector
+        # (rendered on the canvas) or the usable field
+        counts_unseen = chosen in COUNTS_UNSEEN
         total, drrs = 0.0, []
         for v in range(len(self.views)):
-            if chosen in COUNTS_UNSEEN:
-                # the whole projection counts, also where it leaves the detector or the usable field
-                camera, pad = self.canvas(v, level)
-                drr = self.render(ref_poses, v, level, camera)
-                fixed, usable = self.fixed(v, self.level_camera(v, level), pad)
-                region = self.roi(drr, None, camera.width - 2 * pad)
-                total = total + sim(fixed, drr, region * usable, region)
-            else:
-                drr = self.render(ref_poses, v, level)
-                fixed, fov = self.fixed(v, self.level_camera(v, level))
-                total = total + sim(fixed, drr, self.roi(drr, fov))
+            detector = self.level_camera(v, level)
+            camera, pad = self.canvas(v, level) if counts_unseen else (detector, 0)
+            drr = self.render(ref_poses, v, level, camera)
+            fixed, usable = self.fixed(v, detector, pad)
+            region = self.roi(drr, None, detector.width)
+            compared = region if usable is None else region * usable
+            total = total + (sim(fixed, drr, compared, region) if counts_unseen else sim(fixed, drr, compared))
             drrs.append(drr)
         return total / len(self.views), drrs
 
