@@ -52,7 +52,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overlay", metavar="OVERLAY.png", help="also write DRR edges over the X-ray(s), before and after")
     p.add_argument("--targets", help="targets (markups JSON, CSV, label map) to report mTRE against --truth")
     p.add_argument("--truth", metavar="POSE.json", help="true pose, to report mTRE (evaluation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search and of the local starts")
+    p.add_argument("--local-starts", type=int, default=0, metavar="N",
+                   help="--method intensity: also refine N starts around --init (10 deg / 10 mm away) together with "
+                        "it, keep the best, and flag the result when fewer than half of them end there (the result "
+                        "would depend on the start; real images, e.g. docs/real-data.md); default 0: --init alone")
     p.add_argument("--verify", type=finite_float, metavar="K",
                    help="consistency a result needs to count as registered (how the similarity falls around it "
                         "against the DRR's own decorrelation; registered poses score about 1): below it the next "

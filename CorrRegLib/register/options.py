@@ -87,6 +87,18 @@ class RegistrationOptions:
     # The candidates are refined together at these levels, then ranked by the verification score.
     candidate_levels: tuple[Level, ...] = (Level(16, 60, 6.0, "ncc"), Level(32, 60, 3.0, "ncc"))
 
+    # ---- local starts (method "intensity" with local_starts > 0) ---------------------------------
+    # The initial pose and ``local_starts`` others around it (each turned by ``local_start_deg``
+    # about a random axis through the isocenter and moved ``local_start_mm`` in a random direction)
+    # are refined together at ``candidate_levels`` and ranked like the global search's candidates.
+    # ``agreement``, the share of them that end at the kept pose, is evidence the verification
+    # cannot give on a real image (the wrist's radius: wrong optima near the start pass it): under
+    # ``min_agreement`` the result depends on the start and is flagged.
+    local_starts: int = 0
+    local_start_deg: float = 10.0
+    local_start_mm: float = 10.0
+    min_agreement: float = 0.5
+
     # ---- CMA-ES (method "cmaes" after the grid; "hybrid_cmaes") ---------------------------------
     cmaes_sigma: tuple[float, ...] = (20.0, 20.0, 20.0, 30.0, 30.0, 60.0)
     cmaes_population: int = 24

@@ -7,7 +7,7 @@ attempt with the best evidence is kept, ``flagged`` when none verified.
 
 | method | attempts |
 |---|---|
-| intensity | refinement |
+| intensity | refinement; with ``local_starts``: the start and others around it refined together, then each distinct result in turn |
 | cmaes | bounded CMA-ES + refinement |
 | network | network descent |
 | hybrid | network descent + refinement; then the global search's candidates |
@@ -22,7 +22,7 @@ from typing import Iterator
 from .network import NetworkDescent
 from .options import RegistrationOptions
 from .refine import GradientRefinement
-from .search import CandidateRefinement, CmaesSearch, GridSearch, TakeCandidate
+from .search import CandidateRefinement, CmaesSearch, GridSearch, LocalStarts, TakeCandidate
 from .state import RunState
 from .verify import Evidence, Verifier
 
@@ -41,22 +41,38 @@ class Attempt:
         return getattr(first, "available", lambda _: True)(state)
 
 
-def global_search_attempts(o: RegistrationOptions, verifier: Verifier, first_label: str = "global search") -> list[Attempt]:
-    """Grid search, refinement of its candidates, then each candidate refined to the finest level."""
+def candidate_attempts(o: RegistrationOptions, search: list, first_label: str) -> list[Attempt]:
+    """``search`` (stages that leave ranked candidates), then each candidate refined to the levels
+    finer than the candidates' in turn."""
     coarse_px = max(lv.detector_px for lv in o.candidate_levels)
     fine = [lv for lv in o.levels if lv.detector_px > coarse_px] if o.refine else []
-    search = [GridSearch(o.grid_rotations_deg, o.grid_depths, o.grid_level, o.grid_shift, o.grid_candidates),
-              CandidateRefinement(o.candidate_levels, verifier)]
     out = [Attempt(first_label, search + [TakeCandidate(0)] + ([GradientRefinement(fine)] if fine else []))]
     for k in range(1, max(1, o.max_attempts)):
         out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + ([GradientRefinement(fine)] if fine else [])))
     return out
 
 
+def global_search_attempts(o: RegistrationOptions, verifier: Verifier, first_label: str = "global search") -> list[Attempt]:
+    """Grid search, refinement of its candidates, then each candidate refined to the finest level."""
+    search = [GridSearch(o.grid_rotations_deg, o.grid_depths, o.grid_level, o.grid_shift, o.grid_candidates),
+              CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None))]
+    return candidate_attempts(o, search, first_label)
+
+
+def local_start_attempts(o: RegistrationOptions, verifier: Verifier) -> list[Attempt]:
+    """The start and ``o.local_starts`` others around it refined together at the candidate levels,
+    then each distinct result refined to the finest level in turn."""
+    search = [LocalStarts(o.local_starts, o.local_start_deg, o.local_start_mm, o.seed),
+              CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None))]
+    return candidate_attempts(o, search, "local starts")
+
+
 def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, network=None) -> list[Attempt]:
     """The attempts of ``method`` ("auto" already resolved to "hybrid" or "search")."""
     refine = [GradientRefinement(o.levels)] if o.refine else []
     if method == "intensity":
+        if o.local_starts > 0:
+            return local_start_attempts(o, verifier)
         return [Attempt("intensity", refine)]
     if method == "cmaes":
         cmaes = CmaesSearch(o.cmaes_sigma, o.cmaes_population, o.cmaes_generations, o.cmaes_level,
@@ -83,9 +99,10 @@ def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, netw
 class Pipeline:
     """Runs attempts until one verifies (see the module docstring)."""
 
-    def __init__(self, attempts: list[Attempt], verifier: Verifier | None) -> None:
+    def __init__(self, attempts: list[Attempt], verifier: Verifier | None, min_agreement: float = 0.0) -> None:
         self.attempts = attempts
         self.verifier = verifier
+        self.min_agreement = min_agreement
         self.done: list[tuple[Evidence, object, float, str, str]] = []  # (evidence, pose, loss, stage, label)
         self.current: Attempt | None = None
         self.concluded = False
@@ -106,11 +123,19 @@ class Pipeline:
             self.current = None
             if self.verifier is None:
                 return
-            ev = self.verifier.evidence(problem, state.best_pose)
+            ev = self._evidence(problem, state)
             self.done.append((ev, state.best_pose.clone(), state.best_loss, state.stage, attempt.label))
             if ev.verified:
                 break
         self.conclude(problem, state)
+
+    def _evidence(self, problem, state: RunState):
+        """The verification of the attempt's pose, with the local starts' agreement on it."""
+        ev = self.verifier.evidence(problem, state.best_pose)
+        if state.local_starts and state.taken < len(state.agreement):
+            ev.features["agreement"] = state.agreement[state.taken]
+            ev.features["local_starts"] = state.local_starts
+        return ev
 
     def conclude(self, problem, state: RunState) -> None:
         """Keep the best attempt (including one cut short by a cancel); say what was checked."""
@@ -118,7 +143,7 @@ class Pipeline:
             return
         self.concluded = True
         if self.current is not None:  # cancelled mid-attempt: judge what it reached
-            ev = self.verifier.evidence(problem, state.best_pose)
+            ev = self._evidence(problem, state)
             self.done.append((ev, state.best_pose.clone(), state.best_loss, state.stage, self.current.label))
             self.current = None
         if not self.done:
@@ -128,6 +153,11 @@ class Pipeline:
         state.best_pose, state.best_loss, state.stage = pose.clone(), loss, stage
         state.evidence = ev
         tried = len(self.done)
+        agreement = ev.features.get("agreement")
+        if agreement is not None and agreement < self.min_agreement:
+            state.flag(f"only {round(agreement * ev.features['local_starts'])} of {ev.features['local_starts']} local "
+                       "starts reached this pose: the images leave several poses near the start that a local search "
+                       "settles on, so the result depends on the start; check the overlay, or start closer")
         if ev.verified:
             if tried > 1:
                 state.messages.append(f"verified after {tried} attempts (kept '{label}': {ev.describe()})")

@@ -16,9 +16,10 @@ import math
 from typing import Iterator, Sequence
 
 import numpy as np
+import roma
 import torch
 
-from ..geometry import Camera, geodesic_distance
+from ..geometry import Camera, geodesic_distance, rotation_about_point, transform_points
 from ..similarity import image_gradients
 from .bounds import SearchSpace
 from .matching import masked_ncc_map
@@ -155,25 +156,61 @@ class GridSearch:
         return out
 
 
+def _close(p: Tensor, q: Tensor, isocenter: Tensor, min_deg: float, min_mm: float) -> bool:
+    """Whether poses ``p`` and ``q`` differ by less than ``min_deg`` of rotation and ``min_mm`` of
+    isocenter position."""
+    iso = isocenter.reshape(1, 3).double()
+    rot, _ = geodesic_distance(p, q)
+    move = (p[:3, :3] @ iso.T + p[:3, 3:] - (q[:3, :3] @ iso.T + q[:3, 3:])).norm()
+    return float(rot) < min_deg and float(move) < min_mm
+
+
 def distinct(ranked: list[tuple[float, Tensor]], isocenter: Tensor, keep: int, min_deg: float = 12.0,
              min_mm: float = 15.0) -> list[tuple[float, Tensor]]:
     """The first ``keep`` of a ranked list of (score, pose) that differ from every earlier kept one
     by at least ``min_deg`` of rotation or ``min_mm`` of isocenter position (non-maximum suppression)."""
-    iso = isocenter.reshape(1, 3).double()
     kept: list[tuple[float, Tensor]] = []
     for s, p in ranked:
-        close = False
-        for _, q in kept:
-            rot, _ = geodesic_distance(p, q)
-            move = (p[:3, :3] @ iso.T + p[:3, 3:] - (q[:3, :3] @ iso.T + q[:3, 3:])).norm()
-            if float(rot) < min_deg and float(move) < min_mm:
-                close = True
-                break
-        if not close:
+        if not any(_close(p, q, isocenter, min_deg, min_mm) for _, q in kept):
             kept.append((s, p))
             if len(kept) >= keep:
                 break
     return kept
+
+
+#: Refined candidates closer than this (rotation, isocenter position) ended in one basin.
+BASIN_DEG, BASIN_MM = 4.0, 6.0
+
+
+class LocalStarts:
+    """Candidates around the start: the start itself and ``count`` others, each turned by ``deg``
+    about a random axis through the isocenter and moved ``mm`` in a random direction (reference
+    camera frame; seeded). CandidateRefinement then refines them together and measures how many
+    end in the same basin (RunState.agreement)."""
+
+    name = "local starts"
+
+    def __init__(self, count: int, deg: float, mm: float, seed: int) -> None:
+        self.count, self.deg, self.mm, self.seed = int(count), float(deg), float(mm), int(seed)
+
+    def planned(self, problem) -> int:
+        return 0
+
+    def run(self, problem, state: RunState) -> Iterator[None]:
+        base = state.stage_start(self.name)
+        rng = np.random.default_rng(self.seed)
+        centre = transform_points(base, problem.isocenter.reshape(1, 3))[0]
+        poses = [base]
+        for _ in range(self.count):
+            axis = rng.normal(size=3)
+            move = rng.normal(size=3)
+            rotvec = torch.tensor(axis / np.linalg.norm(axis) * math.radians(self.deg), dtype=torch.float64)
+            shift = torch.tensor(move / np.linalg.norm(move) * self.mm, dtype=torch.float64)
+            poses.append(rotation_about_point(roma.rotvec_to_rotmat(rotvec), centre, shift) @ base)
+        inside = problem.bounds.contains(torch.stack(poses))
+        state.candidates = [(0.0, p) for p, ok in zip(poses, inside.tolist()) if ok] or [(0.0, base)]
+        state.local_starts = len(state.candidates)
+        return iter(())
 
 
 class CandidateRefinement:
@@ -206,7 +243,10 @@ class CandidateRefinement:
         order = sorted(range(len(poses)), key=lambda i: -float(scores[i]))
         # candidates that converged into one basin are one candidate: later attempts try others
         state.candidates = distinct([(float(scores[i]), poses[i]) for i in order], problem.isocenter, len(poses),
-                                    min_deg=4.0, min_mm=6.0)
+                                    min_deg=BASIN_DEG, min_mm=BASIN_MM)
+        # the share of the refined poses that ended in each kept candidate's basin
+        state.agreement = [sum(_close(p, q, problem.isocenter, BASIN_DEG, BASIN_MM) for p in poses) / len(poses)
+                           for _, q in state.candidates]
 
 
 class TakeCandidate:
@@ -225,6 +265,7 @@ class TakeCandidate:
     def run(self, problem, state: RunState) -> Iterator[None]:
         state.stage_start(self.name)
         state.best_pose = state.candidates[self.k][1].clone()
+        state.taken = self.k
         return iter(())
 
 

@@ -148,7 +148,8 @@ class RegistrationSession:
         if bar is not None and self.problem.bone_only and o.bone_only_fallback_below is not None:
             bar = o.bone_only_fallback_below
         self.verifier = None if bar is None else Verifier(o.verify_level, bar)
-        self.pipeline = Pipeline(build_attempts(pipeline_name, o, self.verifier, network), self.verifier)
+        self.pipeline = Pipeline(build_attempts(pipeline_name, o, self.verifier, network), self.verifier,
+                                 o.min_agreement)
         self._run = RunState(ref_init, self.problem.bounds)
         self.problem.should_stop = lambda: self._run.cancelled
         self._planned = self.pipeline.planned_first(self.problem)

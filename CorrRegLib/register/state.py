@@ -37,6 +37,11 @@ class RunState:
         self.cancelled = False
         #: ranked (score, pose) starting points left by a global search, best first
         self.candidates: list[tuple[float, Tensor]] = []
+        #: per candidate: the share of the refined candidates that ended in its basin
+        self.agreement: list[float] = []
+        #: how many local starts were refined (0: none ran) and which candidate the attempt took
+        self.local_starts = 0
+        self.taken = 0
         #: the verification of the kept result (verify.Evidence), when the pipeline verifies
         self.evidence = None
         #: what the grid search's best matches scored, with the X-ray as given and reversed

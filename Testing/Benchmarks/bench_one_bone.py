@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--method", default="intensity")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the start offsets")
     ap.add_argument("--compare", action="store_true", help="also run with the intensity similarities forced")
+    ap.add_argument("--local-starts", type=int, default=0, metavar="N",
+                    help="each registration also refines N starts around its own (RegistrationOptions.local_starts)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the rows as JSON here")
     a = ap.parse_args()
@@ -73,7 +75,7 @@ def main() -> int:
                              ((torch.rand(3, generator=g) * 2 - 1) * offsets).tolist())
         row = {"case": k, "start_mtre": float(mtre(start, truth, ph.landmarks))}
         for mode in modes:
-            options = RegistrationOptions(bone_only=mode)
+            options = RegistrationOptions(bone_only=mode, local_starts=a.local_starts)
             if a.views == 1:
                 res = RegistrationSession(bone, xrays[0], cam, start, method=a.method, isocenter=iso, options=options).run()
             else:
@@ -85,7 +87,8 @@ def main() -> int:
             row[tag] = {"mtre": float(mtre(pose, truth, ph.landmarks)),
                         "mpd": float(mpd(cam, cfw[0] @ pose, cfw[0] @ truth, ph.landmarks)), "depth_mm": float(depth),
                         "consistency": float(res.evidence["consistency"]) if res.evidence else float("nan"),
-                        "flagged": bool(res.flagged), "seconds": res.runtime_s}
+                        "flagged": bool(res.flagged), "seconds": res.runtime_s,
+                        "agreement": (res.evidence or {}).get("agreement")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     metric = "mpd" if a.views == 1 else "mtre"

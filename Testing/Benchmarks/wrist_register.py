@@ -90,6 +90,9 @@ def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_view
     if ok:
         d, r = spread(ok, points)
         summary.update(spread_mm=d, spread_deg=r, biplane_pose=ok[0].tolist())
+    if rows:  # flagged or not: do the results depend on the start?
+        d, r = spread([torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows], points)
+        summary.update(spread_all_mm=d, spread_all_deg=r)
     if single:
         summary["single_view"] = {
             f"view {vi + 1}": {stat: float(np.median([s[stat] for s in single if s["view"] == vi + 1]))
@@ -114,6 +117,8 @@ def main() -> int:
     ap.add_argument("--single", action="store_true", help="also register each view alone from the same starts")
     ap.add_argument("--fine", type=int, default=0, metavar="PX",
                     help="add a finest level of PX pixels across the bone (patch NCC) and verify at half of it")
+    ap.add_argument("--local-starts", type=int, default=0, metavar="N",
+                    help="each registration also refines N starts around its own (RegistrationOptions.local_starts)")
     ap.add_argument("--part", default="0/1", metavar="I/N",
                     help="run only the starts k with k %% N == I (one process per core), writing part-I.json")
     ap.add_argument("--join", action="store_true", help="join the part-*.json files in --out into summary.json")
@@ -134,7 +139,7 @@ def main() -> int:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
         return 0
     part, n_parts = (int(x) for x in a.part.split("/"))
-    options = RegistrationOptions()
+    options = RegistrationOptions(local_starts=a.local_starts)
     if a.fine:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
                           verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))
