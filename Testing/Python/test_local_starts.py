@@ -91,6 +91,7 @@ def test_a_pose_the_images_leave_open_is_flagged_as_depending_on_the_start():
     o = RegistrationOptions(local_starts=8, local_start_deg=20.0, local_start_mm=3.0)
     res = register(vol, initial_pose=truth, method="intensity", isocenter=iso, views=views, options=o)
     assert res.flagged and res.evidence["agreement"] < 0.5, (res.evidence, res.message)
+    assert res.evidence["verified"], res.evidence  # the images are matched: verification alone passes it
     assert "local starts reached this pose" in res.message and "depends on the start" in res.message
     # the position along and across the tube is fixed by the images: only the turn about it is open
     moved = transform_points(res.pose, iso.reshape(1, 3)) - transform_points(truth, iso.reshape(1, 3))
