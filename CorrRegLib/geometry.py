@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import numpy as np
 import roma
 import torch
 
@@ -349,6 +350,22 @@ def rotation_about_point(rotation: Tensor, center: Tensor, translation: Tensor |
     if translation is not None:
         t = t + translation
     return make_pose(rotation, t)
+
+
+def random_perturbations(pose: Tensor, center: Tensor, count: int, deg: float, mm: float, seed: int) -> list[Tensor]:
+    """``count`` poses: ``pose`` (4, 4) turned by ``deg`` about a random axis through ``center``
+    (a point in the pose's source frame, e.g. the CT's isocenter) and moved ``mm`` in a random
+    direction, both in the pose's target frame; seeded (numpy's default_rng)."""
+    rng = np.random.default_rng(seed)
+    c = transform_points(pose, center.reshape(1, 3).to(pose))[0]
+    out = []
+    for _ in range(count):
+        axis = rng.normal(size=3)
+        move = rng.normal(size=3)
+        rotvec = torch.tensor(axis / np.linalg.norm(axis) * math.radians(deg), dtype=torch.float64)
+        shift = torch.tensor(move / np.linalg.norm(move) * mm, dtype=torch.float64)
+        out.append(rotation_about_point(roma.rotvec_to_rotmat(rotvec), c, shift) @ pose)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ import math
 from typing import Iterator, Sequence
 
 import numpy as np
-import roma
 import torch
 
-from ..geometry import Camera, geodesic_distance, rotation_about_point, transform_points
+from ..geometry import Camera, geodesic_distance, random_perturbations
 from ..similarity import image_gradients
 from .bounds import SearchSpace
 from .matching import masked_ncc_map
@@ -198,15 +197,7 @@ class LocalStarts:
 
     def run(self, problem, state: RunState) -> Iterator[None]:
         base = state.stage_start(self.name)
-        rng = np.random.default_rng(self.seed)
-        centre = transform_points(base, problem.isocenter.reshape(1, 3))[0]
-        poses = [base]
-        for _ in range(self.count):
-            axis = rng.normal(size=3)
-            move = rng.normal(size=3)
-            rotvec = torch.tensor(axis / np.linalg.norm(axis) * math.radians(self.deg), dtype=torch.float64)
-            shift = torch.tensor(move / np.linalg.norm(move) * self.mm, dtype=torch.float64)
-            poses.append(rotation_about_point(roma.rotvec_to_rotmat(rotvec), centre, shift) @ base)
+        poses = [base] + random_perturbations(base, problem.isocenter, self.count, self.deg, self.mm, self.seed)
         inside = problem.bounds.contains(torch.stack(poses))
         state.candidates = [(0.0, p) for p, ok in zip(poses, inside.tolist()) if ok] or [(0.0, base)]
         state.local_starts = len(state.candidates)

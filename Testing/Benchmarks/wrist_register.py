@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import roma
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from CorrRegLib.cli_realdata import read_view  # noqa: E402
-from CorrRegLib.geometry import geodesic_distance, invert_pose, rotation_about_point, transform_points  # noqa: E402
+from CorrRegLib.geometry import geodesic_distance, invert_pose, random_perturbations, transform_points  # noqa: E402
 from CorrRegLib.io import read_ct, read_world_pose_json  # noqa: E402
 from CorrRegLib.register import Level, RegistrationOptions, RegistrationSession, View  # noqa: E402
 from CorrRegLib.volume import BONE_MU_PER_MM, Volume  # noqa: E402
@@ -60,17 +58,7 @@ def load_case(args: argparse.Namespace) -> tuple[Volume, torch.Tensor, list[View
 def starts(pose: torch.Tensor, centre: torch.Tensor, n: int, deg: float, mm: float, seed: int) -> list[torch.Tensor]:
     """world_from_ct starts: ``pose`` turned by ``deg`` about a random axis through the bone's
     centroid and moved by ``mm`` in a random direction (world frame)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    c = transform_points(pose, centre.reshape(1, 3))[0]
-    for _ in range(n):
-        axis = rng.normal(size=3)
-        axis /= np.linalg.norm(axis)
-        move = rng.normal(size=3)
-        move = move / np.linalg.norm(move) * mm
-        rot = roma.rotvec_to_rotmat(torch.tensor(axis * math.radians(deg), dtype=torch.float64))
-        out.append(rotation_about_point(rot, c, torch.tensor(move, dtype=torch.float64)) @ pose)
-    return out
+    return random_perturbations(pose, centre, n, deg, mm, seed)
 
 
 def spread(poses: list[torch.Tensor], points: torch.Tensor) -> tuple[float, float]:
