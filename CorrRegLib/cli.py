@@ -156,12 +156,8 @@ def _options(args):
         if not 0.0 <= verify <= 1.5:
             raise ValueError(f"--verify must lie in [0, 1.5] (0 turns verification off), got {verify}")
         kw["fallback_below"] = kw["bone_only_fallback_below"] = verify if verify > 0 else None
-    local = getattr(args, "local_starts", 0) or 0
-    if local < 0:
-        raise ValueError(f"--local-starts must be 0 or more, got {local}")
-    if local and getattr(args, "method", "intensity") != "intensity":
-        raise ValueError(f"--local-starts refines starts around --init with --method intensity, not --method {args.method}")
-    return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, local_starts=local, **kw)
+    # build_attempts refuses a negative count or another method than intensity
+    return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, local_starts=getattr(args, "local_starts", 0) or 0, **kw)
 
 
 def _run_with_progress(session, label: str, quiet: bool = False):

@@ -41,12 +41,14 @@ class Attempt:
         return getattr(first, "available", lambda _: True)(state)
 
 
-def candidate_attempts(o: RegistrationOptions, search: list, first_label: str) -> list[Attempt]:
-    """``search`` (stages that leave ranked candidates), then each candidate refined to the levels
-    finer than the candidates' in turn."""
+def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search, first_label: str) -> list[Attempt]:
+    """``search`` (a stage that leaves candidates), their refinement together at the candidate
+    levels and ranking, then each candidate refined to the levels finer than those in turn."""
     coarse_px = max(lv.detector_px for lv in o.candidate_levels)
     fine = [lv for lv in o.levels if lv.detector_px > coarse_px] if o.refine else []
-    out = [Attempt(first_label, search + [TakeCandidate(0)] + ([GradientRefinement(fine)] if fine else []))]
+    # ranking needs only the verification's scores, not its bar
+    stages = [search, CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None))]
+    out = [Attempt(first_label, stages + [TakeCandidate(0)] + ([GradientRefinement(fine)] if fine else []))]
     for k in range(1, max(1, o.max_attempts)):
         out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + ([GradientRefinement(fine)] if fine else [])))
     return out
@@ -54,22 +56,26 @@ def candidate_attempts(o: RegistrationOptions, search: list, first_label: str) -
 
 def global_search_attempts(o: RegistrationOptions, verifier: Verifier, first_label: str = "global search") -> list[Attempt]:
     """Grid search, refinement of its candidates, then each candidate refined to the finest level."""
-    search = [GridSearch(o.grid_rotations_deg, o.grid_depths, o.grid_level, o.grid_shift, o.grid_candidates),
-              CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None))]
-    return candidate_attempts(o, search, first_label)
+    grid = GridSearch(o.grid_rotations_deg, o.grid_depths, o.grid_level, o.grid_shift, o.grid_candidates)
+    return candidate_attempts(o, verifier, grid, first_label)
 
 
 def local_start_attempts(o: RegistrationOptions, verifier: Verifier) -> list[Attempt]:
     """The start and ``o.local_starts`` others around it refined together at the candidate levels,
     then each distinct result refined to the finest level in turn."""
-    search = [LocalStarts(o.local_starts, o.local_start_deg, o.local_start_mm, o.seed),
-              CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None))]
-    return candidate_attempts(o, search, "local starts")
+    starts = LocalStarts(o.local_starts, o.local_start_deg, o.local_start_mm, o.seed)
+    return candidate_attempts(o, verifier, starts, "local starts")
 
 
 def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, network=None) -> list[Attempt]:
     """The attempts of ``method`` ("auto" already resolved to "hybrid" or "search")."""
     refine = [GradientRefinement(o.levels)] if o.refine else []
+    if o.local_starts < 0:
+        raise ValueError(f"local_starts (--local-starts) must be 0 or more, got {o.local_starts}")
+    if o.local_starts and method != "intensity":
+        asked = "'auto' (its global search)" if method == "search" else repr(method)
+        raise ValueError(f"local_starts (--local-starts) refines starts around the initial pose with method "
+                         f"'intensity', not {asked}")
     if method == "intensity":
         if o.local_starts > 0:
             return local_start_attempts(o, verifier)

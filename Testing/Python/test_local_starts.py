@@ -98,6 +98,19 @@ def test_a_pose_the_images_leave_open_is_flagged_as_depending_on_the_start():
     assert float(moved.norm()) < 1.5, float(moved.norm())
 
 
+def test_local_starts_are_refused_where_they_do_not_apply():
+    ph = small_phantom(seed=0)
+    iso = ph.volume.bone_center_lps()
+    _, _, views = two_views(ph.volume, torch.eye(4, dtype=torch.float64), iso)
+    for method, said in (("cmaes", "not 'cmaes'"), ("auto", "not 'auto'")):
+        with pytest.raises(ValueError, match=said):
+            register(ph.volume, initial_pose=torch.eye(4, dtype=torch.float64), method=method, isocenter=iso,
+                     views=views, options=RegistrationOptions(local_starts=3))
+    with pytest.raises(ValueError, match="0 or more"):
+        register(ph.volume, initial_pose=torch.eye(4, dtype=torch.float64), method="intensity", isocenter=iso,
+                 views=views, options=RegistrationOptions(local_starts=-1))
+
+
 def test_without_local_starts_nothing_is_said_of_agreement():
     ph = small_phantom(seed=0)
     iso = ph.volume.bone_center_lps()
