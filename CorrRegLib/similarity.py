@@ -140,6 +140,29 @@ def gradient_ncc_ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, 
     return 0.5 * (_gradient_ncc(f, m, mask) + _ngf(f, m, mask, region))
 
 
+def _masked_blur(img: Tensor, sigma_px: float, mask: Tensor | None) -> Tensor:
+    """Gaussian blur of ``img`` that averages only over ``mask`` (normalised convolution): pixels
+    outside the field of view do not bleed in as dark structure."""
+    from .simulate import gaussian_blur
+
+    if mask is None:
+        return gaussian_blur(img, (sigma_px, sigma_px))
+    m = mask.to(img.dtype).expand_as(img)
+    return gaussian_blur(img * m, (sigma_px, sigma_px)) / gaussian_blur(m, (sigma_px, sigma_px)).clamp_min(1e-6)
+
+
+def bandpass_ncc(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, fine_px: float = 1.0,
+                 coarse_px: float = 8.0) -> Tensor:
+    """NCC of the images' difference of Gaussians (sigmas ``fine_px`` and ``coarse_px``): intensity
+    at the scales between pixel noise and a bone's width. Unlike an edge similarity it keeps where
+    the mass is (a bone's DRR over the dark gap between two bones scores low); unlike NCC it drops
+    the broad ramp of the soft tissue, which a CT of one bone cannot explain."""
+    fixed, moving = torch.broadcast_tensors(fixed, moving)
+    band_f = _masked_blur(fixed, fine_px, mask) - _masked_blur(fixed, coarse_px, mask)
+    band_m = _masked_blur(moving, fine_px, None) - _masked_blur(moving, coarse_px, None)
+    return ncc(band_f, band_m, mask)
+
+
 #: Similarities of edges alone (no intensity term): what a CT that holds only bone can be compared on.
 EDGES_ONLY = frozenset({"gradient_ncc", "multiscale_gradient_ncc", "ngf", "gradient_ncc+ngf"})
 
@@ -168,6 +191,7 @@ SIMILARITIES: dict[str, Callable[..., Tensor]] = {
     "gradient_ncc": gradient_ncc,
     "ngf": ngf,
     "gradient_ncc+ngf": gradient_ncc_ngf,
+    "bandpass_ncc": bandpass_ncc,
     "multiscale_ncc": lambda f, m, k=None: multiscale(ncc, f, m, k),
     "multiscale_gradient_ncc": lambda f, m, k=None: multiscale(gradient_ncc, f, m, k),
     # The default for intensity registration: global structure from NCC, edges from the

@@ -51,3 +51,47 @@ def test_ngf_is_differentiable(drr):
     moving = drr[..., ::4, ::4].double().clone().requires_grad_(True)
     fixed = torch.roll(moving.detach(), 1, dims=3)
     assert torch.autograd.gradcheck(lambda m: ngf(fixed, m), (moving,), eps=1e-6, atol=1e-5)
+
+
+def _rods(centres_widths, h=64, w=96, ramp=0.0):
+    """(1, 1, h, w) image of vertical rods: (centre column, half-width, density) each, with
+    ``ramp`` x a broad left-to-right ramp (the soft tissue a CT of one bone cannot explain)."""
+    x = torch.arange(w, dtype=torch.float64) + 0.5
+    img = torch.zeros(w, dtype=torch.float64)
+    for c, half, density in centres_widths:
+        img = img + density * (1.0 - ((x - c) / half).clamp(-1, 1) ** 2).sqrt()  # a cylinder's chord
+    img = img + ramp * x / w
+    return img.expand(h, w)[None, None].clone()
+
+
+def test_bandpass_ncc_sees_where_the_mass_lies_not_only_the_edges():
+    """The wrist's failure mode: the X-ray shows a wide bone and a narrow one side by side; a wide
+    bone's DRR over the dark gap between them, one edge on the narrow bone, still lines edges up.
+    Band-pass NCC ranks the DRR on its own shadow first, by a margin, and ignores a soft-tissue ramp
+    that moves global NCC."""
+    from CorrRegLib.similarity import bandpass_ncc, ncc
+
+    xray = _rods([(30, 10, 1.0), (62, 5, 1.0)])
+    right = _rods([(30, 10, 1.0)])
+    across_the_gap = _rods([(47, 10, 1.0)])  # its right edge on the narrow bone's left edge
+    assert float(bandpass_ncc(xray, right)) > float(bandpass_ncc(xray, across_the_gap)) + 0.2
+    ramped = _rods([(30, 10, 1.0), (62, 5, 1.0)], ramp=2.0)
+    assert abs(float(bandpass_ncc(ramped, right)) - float(bandpass_ncc(xray, right))) < 0.05
+    assert float(ncc(xray, right)) - float(ncc(ramped, right)) > 0.1  # NCC is moved by it
+
+
+def test_bandpass_ncc_ignores_what_lies_outside_the_mask(drr):
+    """Pixels outside the mask (beyond the field of view) neither count nor bleed into the blur."""
+    from CorrRegLib.similarity import bandpass_ncc
+
+    h, w = drr.shape[-2:]
+    mask = torch.zeros(1, 1, h, w)
+    mask[..., h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 1.0
+    noisy = drr.clone()
+    noisy[mask == 0] = torch.rand(int((mask == 0).sum()), generator=torch.Generator().manual_seed(0)) * drr.max()
+    assert float(bandpass_ncc(noisy, drr, mask)) == pytest.approx(float(bandpass_ncc(drr, drr, mask)), abs=1e-5)
+    assert float(bandpass_ncc(3.0 * drr + 1.0, drr)) == pytest.approx(1.0, abs=1e-5)  # gain and offset
+    moving = drr[..., ::4, ::4].double().clone().requires_grad_(True)
+    fixed = torch.roll(moving.detach(), 1, dims=3)
+    from CorrRegLib.similarity import bandpass_ncc as band
+    assert torch.autograd.gradcheck(lambda m: band(fixed, m), (moving,), eps=1e-6, atol=1e-5)
