@@ -41,13 +41,16 @@ class Attempt:
         return getattr(first, "available", lambda _: True)(state)
 
 
-def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search, first_label: str) -> list[Attempt]:
+def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search, first_label: str,
+                       rank_similarity: str | None = None) -> list[Attempt]:
     """``search`` (a stage that leaves candidates), their refinement together at the candidate
-    levels and ranking, then each candidate refined to the levels finer than those in turn."""
+    levels and ranking (by ``rank_similarity``, default the verifier's score), then each candidate
+    refined to the levels finer than those in turn."""
     coarse_px = max(lv.detector_px for lv in o.candidate_levels)
     fine = [lv for lv in o.levels if lv.detector_px > coarse_px] if o.refine else []
     # ranking needs only the verification's scores, not its bar
-    stages = [search, CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None))]
+    stages = [search, CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None),
+                                             rank_similarity)]
     out = [Attempt(first_label, stages + [TakeCandidate(0)] + ([GradientRefinement(fine)] if fine else []))]
     for k in range(1, max(1, o.max_attempts)):
         out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + ([GradientRefinement(fine)] if fine else [])))
@@ -64,7 +67,7 @@ def local_start_attempts(o: RegistrationOptions, verifier: Verifier) -> list[Att
     """The start and ``o.local_starts`` others around it refined together at the candidate levels,
     then each distinct result refined to the finest level in turn."""
     starts = LocalStarts(o.local_starts, o.local_start_deg, o.local_start_mm, o.seed)
-    return candidate_attempts(o, verifier, starts, "local starts")
+    return candidate_attempts(o, verifier, starts, "local starts", o.local_start_ranking)
 
 
 def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, network=None) -> list[Attempt]:

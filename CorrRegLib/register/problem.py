@@ -231,9 +231,12 @@ class Problem:
             return self.options.bone_only_similarity
         return name
 
-    def similarity(self, ref_poses: Tensor, level: Level, name: str | None = None) -> tuple[Tensor, list[Tensor]]:
-        """(B,) similarity averaged over the views, and the DRRs; differentiable in the poses."""
-        chosen = self.similarity_name(name or level.similarity or self.options.similarity)
+    def similarity(self, ref_poses: Tensor, level: Level, name: str | None = None,
+                   as_asked: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """(B,) similarity averaged over the views, and the DRRs; differentiable in the poses.
+        ``as_asked``: ``name`` even for a bone-only CT (no similarity_name substitution)."""
+        asked = name or level.similarity or self.options.similarity
+        chosen = asked if as_asked else self.similarity_name(asked)
         sim = get_similarity(chosen)
         # a similarity in COUNTS_UNSEEN sees the whole projection, also where it leaves the detector
         # (rendered on the canvas) or the usable field

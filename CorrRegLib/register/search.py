@@ -209,9 +209,11 @@ class CandidateRefinement:
 
     name = "candidates"
 
-    def __init__(self, levels: Sequence[Level], verifier) -> None:
+    def __init__(self, levels: Sequence[Level], verifier, rank_similarity: str | None = None) -> None:
         self.levels = tuple(levels)
         self.verifier = verifier
+        #: None: the verifier's ranking score; a name: that similarity, also for a bone-only CT
+        self.rank_similarity = rank_similarity
 
     def planned(self, problem) -> int:
         return sum(lv.max_iterations for lv in self.levels)
@@ -230,7 +232,7 @@ class CandidateRefinement:
                     state.record(float(losses[k]), refiner.poses()[k].detach(), stage)
                     yield
             poses = refiner.best_poses
-        scores = self.verifier.scores(problem, poses)
+        scores = self.verifier.scores(problem, poses, self.rank_similarity)
         order = sorted(range(len(poses)), key=lambda i: -float(scores[i]))
         # candidates that converged into one basin are one candidate: later attempts try others
         state.candidates = distinct([(float(scores[i]), poses[i]) for i in order], problem.isocenter, len(poses),

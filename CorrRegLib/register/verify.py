@@ -115,13 +115,15 @@ class Verifier:
         self.bar = bar
         self.shift_mm, self.turn_deg = shift_mm, turn_deg
 
-    def scores(self, problem, poses: Tensor) -> Tensor:
-        """(B,) NCC of X-ray and DRR at ``level`` (gradient NCC for a bone-only CT; views averaged; -1
-        where non-finite): ranks candidates."""
+    def scores(self, problem, poses: Tensor, similarity: str | None = None) -> Tensor:
+        """(B,) NCC of X-ray and DRR at ``level`` (the bone-only similarity for a bone-only CT; views
+        averaged; -1 where non-finite): ranks candidates. ``similarity``: that one instead, as asked
+        also for a bone-only CT."""
         out = []
         with torch.no_grad():
             for start in range(0, poses.shape[0], 32):
-                s, _ = problem.similarity(poses[start:start + 32], self.level, self.level.similarity or "ncc")
+                s, _ = problem.similarity(poses[start:start + 32], self.level,
+                                          similarity or self.level.similarity or "ncc", as_asked=similarity is not None)
                 out.append(s.detach().double().cpu())
         s = torch.cat(out)
         return torch.where(torch.isfinite(s), s, torch.full_like(s, -1.0))

@@ -88,7 +88,7 @@ def test_a_pose_the_images_leave_open_is_flagged_as_depending_on_the_start():
     iso = vol.center_lps()
     truth = torch.eye(4, dtype=torch.float64)
     _, _, views = two_views(vol, truth, iso)
-    o = RegistrationOptions(local_starts=8, local_start_deg=20.0, local_start_mm=3.0)
+    o = RegistrationOptions(local_starts=8, local_start_deg=40.0, local_start_mm=3.0)
     res = register(vol, initial_pose=truth, method="intensity", isocenter=iso, views=views, options=o)
     assert res.flagged and res.evidence["agreement"] < 0.5, (res.evidence, res.message)
     assert res.evidence["verified"], res.evidence  # the images are matched: verification alone passes it
@@ -141,3 +141,37 @@ def test_command_line_local_starts(tmp_path):
     before = (tmp_path / "pose.json").read_text()
     assert corrreg(args + ["--method", "cmaes"]) == 2  # refused with a message, the result untouched
     assert (tmp_path / "pose.json").read_text() == before
+
+
+def test_local_starts_are_ranked_by_the_asked_similarity_also_for_one_bone():
+    """With a CT of bones alone every refinement compares edges, but the basins are ranked by
+    ``local_start_ranking`` as named (band-pass NCC by default): the candidates come out in the
+    order of that score, which differs from the bone-only similarity's."""
+    from CorrRegLib.register.options import Level
+    from CorrRegLib.register.search import CandidateRefinement
+    from CorrRegLib.register.verify import Verifier
+
+    ph = small_phantom(seed=0)
+    iso = ph.volume.bone_center_lps()
+    truth = torch.eye(4, dtype=torch.float64)
+    _, cfw, views = two_views(ph.volume, truth, iso)
+    bones = ph.volume.keep_only((ph.labels >= 1) & (ph.labels <= 5))
+    o = RegistrationOptions()
+    assert o.local_start_ranking == "bandpass_ncc"
+    start = cfw[0] @ perturb_pose(truth, iso, [2.0, -3.0, 2.0], [2.0, -1.7, 8.0])
+    problem = Problem(bones, views, bones.bone_center_lps(), start, torch.device("cpu"), o)
+    assert problem.bone_only
+    verifier = Verifier(o.verify_level, None)
+    ranked = {}
+    for name in ("bandpass_ncc", None):
+        state = RunState(start, problem.bounds)
+        list(LocalStarts(6, 20.0, 15.0, seed=1).run(problem, state))
+        list(CandidateRefinement((Level(16, 5, 6.0, "ncc"),), verifier, name).run(problem, state))
+        scores = [s for s, _ in state.candidates]
+        assert scores == sorted(scores, reverse=True)
+        poses = torch.stack([p for _, p in state.candidates])
+        expected = verifier.scores(problem, poses, name)
+        assert torch.allclose(torch.tensor(scores, dtype=torch.float64), expected, atol=1e-6)
+        ranked[name] = expected
+    # the bone-only similarity (edges) is not what was asked: the two scores differ
+    assert not torch.allclose(ranked["bandpass_ncc"][:1], ranked[None][:1], atol=1e-3)
