@@ -98,11 +98,12 @@ class RegistrationOptions:
     local_start_deg: float = 10.0
     local_start_mm: float = 10.0
     min_agreement: float = 0.5
-    # What the local starts' basins are ranked by (at ``verify_level``, 64 px across the CT's
-    # footprint), as named also for a CT that holds only bone: band-pass NCC (similarity.
-    # bandpass_ncc, 1-8 px there) sees where the bone's mass lies, which edges do not. On the wrist
-    # every edge similarity ranked first a pose with the radius across the dark gap to the ulna
-    # (docs/real-data.md). None: the verifier's score (the bone-only similarity).
+    # What the local starts' basins are ranked by for a CT that holds only bone (at ``verify_level``,
+    # 64 px across the CT's footprint; as named, not replaced by ``bone_only_similarity``): band-
+    # pass NCC (similarity.bandpass_ncc, 1-8 px there) sees where the bone's mass lies, which edges
+    # do not. On the wrist every edge similarity ranked first a pose with the radius across the
+    # dark gap to the ulna (docs/real-data.md). None: the verifier's score (the bone-only
+    # similarity). A whole CT's basins are ranked by the verifier's NCC, as before.
     local_start_ranking: str | None = "bandpass_ncc"
 
     # ---- CMA-ES (method "cmaes" after the grid; "hybrid_cmaes") ---------------------------------

@@ -44,8 +44,8 @@ class Attempt:
 def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search, first_label: str,
                        rank_similarity: str | None = None) -> list[Attempt]:
     """``search`` (a stage that leaves candidates), their refinement together at the candidate
-    levels and ranking (by ``rank_similarity``, default the verifier's score), then each candidate
-    refined to the levels finer than those in turn."""
+    levels and ranking (a CT of one bone by ``rank_similarity``, default the verifier's score),
+    then each candidate refined to the levels finer than those in turn."""
     coarse_px = max(lv.detector_px for lv in o.candidate_levels)
     fine = [lv for lv in o.levels if lv.detector_px > coarse_px] if o.refine else []
     # ranking needs only the verification's scores, not its bar

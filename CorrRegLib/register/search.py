@@ -212,7 +212,8 @@ class CandidateRefinement:
     def __init__(self, levels: Sequence[Level], verifier, rank_similarity: str | None = None) -> None:
         self.levels = tuple(levels)
         self.verifier = verifier
-        #: None: the verifier's ranking score; a name: that similarity, also for a bone-only CT
+        #: for a CT that holds only bone: None, the verifier's ranking score (the bone-only
+        #: similarity); a name, that similarity as named. A whole CT is ranked by the verifier's NCC.
         self.rank_similarity = rank_similarity
 
     def planned(self, problem) -> int:
@@ -232,7 +233,7 @@ class CandidateRefinement:
                     state.record(float(losses[k]), refiner.poses()[k].detach(), stage)
                     yield
             poses = refiner.best_poses
-        scores = self.verifier.scores(problem, poses, self.rank_similarity)
+        scores = self.verifier.scores(problem, poses, self.rank_similarity if problem.bone_only else None)
         order = sorted(range(len(poses)), key=lambda i: -float(scores[i]))
         # candidates that converged into one basin are one candidate: later attempts try others
         state.candidates = distinct([(float(scores[i]), poses[i]) for i in order], problem.isocenter, len(poses),

@@ -146,7 +146,8 @@ def test_command_line_local_starts(tmp_path):
 def test_local_starts_are_ranked_by_the_asked_similarity_also_for_one_bone():
     """With a CT of bones alone every refinement compares edges, but the basins are ranked by
     ``local_start_ranking`` as named (band-pass NCC by default): the candidates come out in the
-    order of that score, which differs from the bone-only similarity's."""
+    order of that score, which differs from the bone-only similarity's. A whole CT keeps the
+    verifier's NCC."""
     from CorrRegLib.register.options import Level
     from CorrRegLib.register.search import CandidateRefinement
     from CorrRegLib.register.verify import Verifier
@@ -175,3 +176,12 @@ def test_local_starts_are_ranked_by_the_asked_similarity_also_for_one_bone():
         ranked[name] = expected
     # the bone-only similarity (edges) is not what was asked: the two scores differ
     assert not torch.allclose(ranked["bandpass_ncc"][:1], ranked[None][:1], atol=1e-3)
+    # a whole CT is ranked by the verifier's NCC, whatever local_start_ranking says
+    whole = Problem(ph.volume, views, iso, start, torch.device("cpu"), o)
+    assert not whole.bone_only
+    state = RunState(start, whole.bounds)
+    list(LocalStarts(6, 20.0, 15.0, seed=1).run(whole, state))
+    list(CandidateRefinement((Level(16, 5, 6.0, "ncc"),), verifier, "bandpass_ncc").run(whole, state))
+    poses = torch.stack([p for _, p in state.candidates])
+    assert torch.allclose(torch.tensor([s for s, _ in state.candidates], dtype=torch.float64),
+                          verifier.scores(whole, poses), atol=1e-6)
