@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .simulate import gaussian_blur
+
 Tensor = torch.Tensor
 EPS = 1e-8
 
@@ -143,8 +145,6 @@ def gradient_ncc_ngf(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, 
 def _masked_blur(img: Tensor, sigma_px: float, mask: Tensor | None) -> Tensor:
     """Gaussian blur of ``img`` that averages only over ``mask`` (normalised convolution): pixels
     outside the field of view do not bleed in as dark structure."""
-    from .simulate import gaussian_blur
-
     if mask is None:
         return gaussian_blur(img, (sigma_px, sigma_px))
     m = mask.to(img.dtype).expand_as(img)

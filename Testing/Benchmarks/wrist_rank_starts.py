@@ -114,6 +114,7 @@ def main() -> int:
     reference, _ = read_world_pose_json(a.reference)
     o = RegistrationOptions(local_starts=a.local_starts)
     target = transform_points(reference, centre.reshape(1, 3))
+    verifier = Verifier(o.verify_level, None)  # ranking needs its scores, not its bar
     runs = []
     for k, start in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)):
         t = time.perf_counter()
@@ -121,7 +122,6 @@ def main() -> int:
         poses = refined_local_starts(session, o)
         world = [session.problem.world_pose(p) for p in poses]
         distance = [float((transform_points(w, centre.reshape(1, 3)) - target).norm()) for w in world]
-        verifier = Verifier(o.verify_level, None)
         scores = {n: verifier.scores(session.problem, poses, n).tolist() for n in names}
         runs.append({"start": k, "distance_mm": distance, "scores": scores, "world_from_ct": [w.tolist() for w in world],
                      "seconds": time.perf_counter() - t})
