@@ -26,6 +26,8 @@ Tensor = torch.Tensor
 
 #: A DRR pixel counts as "the CT projects here" above this fraction of the image's maximum.
 SUPPORT_FRACTION = 0.02
+#: The cut ends' shadow is grown by this many pixels before it is left out.
+CUT_GROW_PX = 1
 
 
 def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
@@ -82,6 +84,36 @@ def holds_only_bone(volume: Volume, distance_mm: float = 10.0, share: float = 0.
     return float(away.sum()) < share * float(tissue.sum())
 
 
+def cut_ends(volume: Volume, depth_mm: float = 5.0, min_area_mm2: float = 10.0) -> Volume | None:
+    """The CT's tissue within ``depth_mm`` of every face of its box that cuts through bone (bone
+    covers at least ``min_area_mm2`` of the face), as a volume of ones (1/mm) on the CT's grid; None
+    when no face does.
+
+    A bone cut by the CT's box (a segmented radius whose shaft runs out of the scan) ends in its DRR
+    with an edge that is not anatomy, while the X-ray shows the shaft going on. With
+    ``options.exclude_cut_ends`` Problem leaves where that end projects out of every comparison
+    (see Problem.cut_shadow)."""
+    d = volume.data
+    bone = d > BONE_MU_PER_MM
+    tissue = d > AIR_THRESHOLD
+    keep = torch.zeros_like(tissue)
+    sx, sy, sz = volume.spacing  # data is (K, J, I): z, y, x
+    for axis, spacing, pixel_area in ((0, sz, sx * sy), (1, sy, sx * sz), (2, sx, sy * sz)):
+        n = d.shape[axis]
+        depth = min(n, max(1, round(depth_mm / spacing)))
+        for end in (0, n - 1):
+            face = bone.select(axis, end)
+            if float(face.sum()) * pixel_area < min_area_mm2:
+                continue
+            band = slice(0, depth) if end == 0 else slice(n - depth, n)
+            index = [slice(None)] * 3
+            index[axis] = band
+            keep[tuple(index)] |= tissue[tuple(index)]
+    if not bool(keep.any()):
+        return None
+    return replace(volume, data=keep.to(d.dtype))
+
+
 class Problem:
     """The registration problem: CT, views, isocenter, options, and cached pyramids/projectors."""
 
@@ -110,6 +142,9 @@ class Problem:
         self.bone_only = holds_only_bone(volume) if options.bone_only is None else bool(options.bone_only)
         self._pyramid: dict[int, Volume] = {1: volume}
         self._projectors: dict[tuple, Projector] = {}
+        #: the ends where the CT's box cuts through bone, left out of every comparison (cut_ends)
+        self.cut = cut_ends(volume) if options.exclude_cut_ends else None
+        self._cut_pyramid: dict[int, Volume] = {} if self.cut is None else {1: self.cut}
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
 
     # ---- frames --------------------------------------------------------------------------------
@@ -157,23 +192,26 @@ class Problem:
         pixel_at_iso = max(cam.pixel_spacing) * self._depth[view] / cam.sdd
         return self.volume.pool_factor(pixel_at_iso, level.voxel_slack)
 
-    def pooled_volume(self, factor: int) -> Volume:
-        vol = self._pyramid.get(factor)
+    def pooled_volume(self, factor: int, cut: bool = False) -> Volume:
+        """The CT (``cut``: its cut ends, see cut_ends) average-pooled by ``factor`` (a power of 2)."""
+        pyramid = self._cut_pyramid if cut else self._pyramid
+        vol = pyramid.get(factor)
         if vol is None:
-            vol, f = self.volume, 1
+            vol, f = pyramid[1], 1
             while f < factor:
                 f *= 2
-                vol = self._pyramid.get(f) or vol.downsample(2)
-                self._pyramid[f] = vol
+                vol = pyramid.get(f) or vol.downsample(2)
+                pyramid[f] = vol
         return vol
 
-    def projector(self, view: int, level: Level, camera: Camera | None = None) -> Projector:
-        """The projector of ``view`` at ``level`` (or on another ``camera``, e.g. a search canvas)."""
+    def projector(self, view: int, level: Level, camera: Camera | None = None, cut: bool = False) -> Projector:
+        """The projector of ``view`` at ``level`` (or on another ``camera``, e.g. a search canvas);
+        ``cut``: of the CT's cut ends (cut_ends) instead of the CT."""
         cam = camera or self.level_camera(view, level)
         vf = self.volume_factor(view, level)
-        key = (cam, vf)
+        key = (cam, vf, cut)
         if key not in self._projectors:
-            self._projectors[key] = Projector(self.pooled_volume(vf).to(self.device), cam,
+            self._projectors[key] = Projector(self.pooled_volume(vf, cut).to(self.device), cam,
                                               samples_per_voxel=self.options.samples_per_voxel).to(self.device)
         return self._projectors[key]
 
@@ -213,14 +251,27 @@ class Problem:
         poses = self.view_from_ref[view].to(ref_poses) @ ref_poses
         return self.projector(view, level, camera)(poses.float())
 
-    def roi(self, drr: Tensor, fov: Tensor | None, width: int | None = None) -> Tensor:
+    def cut_shadow(self, ref_poses: Tensor, view: int, level: Level, camera: Camera | None = None) -> Tensor | None:
+        """(B, 1, h, w) float: 1 where the CT's cut ends (cut_ends) project in ``view`` at ``level``
+        (on ``camera``, as render), else 0; None for a CT that no face of its box cuts through bone."""
+        if self.cut is None:
+            return None
+        with torch.no_grad():
+            poses = self.view_from_ref[view].to(ref_poses) @ ref_poses.detach()
+            shadow = self.projector(view, level, camera, cut=True)(poses.float())
+        return (shadow > 1e-3 * shadow.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(shadow.dtype)
+
+    def roi(self, drr: Tensor, fov: Tensor | None, width: int | None = None, cut: Tensor | None = None) -> Tensor:
         """(B, 1, h, w) float mask: where the CT projects, grown by ``roi_margin`` x ``width`` (the
         detector's width in the DRR's pixels; default the DRR's width) or shrunk by it for a cropped
-        CT (see is_cropped), inside ``fov``."""
+        CT (see is_cropped), inside ``fov``, and outside ``cut`` (cut_shadow) grown by CUT_GROW_PX:
+        the DRR's cut edge is not compared."""
         d = drr.detach()
         support = (d > SUPPORT_FRACTION * d.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(d.dtype)
         margin = max(1, round(self.options.roi_margin * (width or d.shape[-1])))
         mask = grow(support, self.roi_sign * margin)
+        if cut is not None:
+            mask = mask * (1.0 - grow(cut, CUT_GROW_PX))
         return mask if fov is None else mask * fov
 
     def similarity_name(self, name: str) -> str:
@@ -247,7 +298,7 @@ class Problem:
             camera, pad = self.canvas(v, level) if counts_unseen else (detector, 0)
             drr = self.render(ref_poses, v, level, camera)
             fixed, usable = self.fixed(v, detector, pad)
-            region = self.roi(drr, None, detector.width)
+            region = self.roi(drr, None, detector.width, self.cut_shadow(ref_poses, v, level, camera))
             compared = region if usable is None else region * usable
             total = total + (sim(fixed, drr, compared, region) if counts_unseen else sim(fixed, drr, compared))
             drrs.append(drr)

@@ -78,7 +78,8 @@ def consistency(problem, pose: Tensor, similarity: str, level: Level, shift_mm: 
         for v in range(len(problem.views)):
             drr = problem.render(poses, v, level)
             fixed, fov = problem.fixed(v, problem.level_camera(v, level))
-            roi = problem.roi(drr[:1], fov)  # one region for every move: the comparison is like for like
+            # one region for every move: the comparison is like for like
+            roi = problem.roi(drr[:1], fov, cut=problem.cut_shadow(poses[:1], v, level))
             pixels = min(pixels, float(roi.sum()))
             s_all = s_all + sim(fixed, drr, roi).double().cpu()
             c_all = c_all + sim(drr[:1], drr[1:], roi).double().cpu()

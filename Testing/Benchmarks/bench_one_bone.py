@@ -10,7 +10,8 @@ For each case: a random true pose (the paper protocol, 64 px), an X-ray of the w
 phantom's landmarks), the depth error along the first view's ray, the consistency and whether
 the result was flagged; then the share within 2 mm (mPD for one view, whose depth is loose;
 mTRE for two) and how many misses went unflagged. ``--compare`` also runs with the intensity
-similarities forced (``bone_only=False``: the previous release's behaviour).
+similarities forced (``bone_only=False``: the previous release's behaviour); ``--cut-at K`` crops
+the CT's box through a bone and compares leaving its cut end out (``exclude_cut_ends``) with not.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,6 +48,9 @@ def main() -> int:
     ap.add_argument("--compare", action="store_true", help="also run with the intensity similarities forced")
     ap.add_argument("--local-starts", type=int, default=0, metavar="N",
                     help="each registration also refines N starts around its own (RegistrationOptions.local_starts)")
+    ap.add_argument("--cut-at", type=int, metavar="K",
+                    help="keep only the CT's slices below K, a box that cuts through a bone (K 62: the middle of "
+                         "the top vertebra), and compare leaving its cut end out (exclude_cut_ends) with comparing it")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the rows as JSON here")
     a = ap.parse_args()
@@ -53,10 +58,14 @@ def main() -> int:
     ph = small_phantom(seed=a.phantom_seed)
     lo, hi = BONES[a.bone]
     bone = ph.volume.keep_only((ph.labels >= lo) & (ph.labels <= hi))
+    if a.cut_at:
+        bone = replace(bone, data=bone.data[: a.cut_at].clone())  # slices 0..K-1: the origin stays
     iso = bone.bone_center_lps()
     protocol = get_protocol("paper", detector_downsample=4)
     cam = protocol.camera
-    modes = [None, False] if a.compare else [None]
+    if a.compare and a.cut_at:
+        ap.error("--compare and --cut-at compare different things; give one")
+    modes = [None, False] if a.compare or a.cut_at else [None]
     rows = []
     for k in range(a.first, a.first + a.cases):
         g = torch.Generator().manual_seed(1000 * a.phantom_seed + k)
@@ -75,7 +84,10 @@ def main() -> int:
                              ((torch.rand(3, generator=g) * 2 - 1) * offsets).tolist())
         row = {"case": k, "start_mtre": float(mtre(start, truth, ph.landmarks))}
         for mode in modes:
-            options = RegistrationOptions(bone_only=mode, local_starts=a.local_starts)
+            if a.cut_at:  # mode None: the cut end left out; False: compared like the rest
+                options = RegistrationOptions(exclude_cut_ends=mode is None, local_starts=a.local_starts)
+            else:
+                options = RegistrationOptions(bone_only=mode, local_starts=a.local_starts)
             if a.views == 1:
                 res = RegistrationSession(bone, xrays[0], cam, start, method=a.method, isocenter=iso, options=options).run()
             else:
@@ -83,7 +95,8 @@ def main() -> int:
                                           views=[View(x, cam, c) for x, c in zip(xrays, cfw)]).run()
             pose = res.pose
             depth = (transform_points(cfw[0] @ pose, iso.reshape(1, 3)) - transform_points(cfw[0] @ truth, iso.reshape(1, 3)))[0, 2]
-            tag = "gradient" if mode is None else "intensity"
+            tag = ("cut_left_out" if mode is None else "cut_compared") if a.cut_at else \
+                ("gradient" if mode is None else "intensity")
             row[tag] = {"mtre": float(mtre(pose, truth, ph.landmarks)),
                         "mpd": float(mpd(cam, cfw[0] @ pose, cfw[0] @ truth, ph.landmarks)), "depth_mm": float(depth),
                         "consistency": float(res.evidence["consistency"]) if res.evidence else float("nan"),
@@ -92,7 +105,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     metric = "mpd" if a.views == 1 else "mtre"
-    for tag in ("gradient", "intensity")[:len(modes)]:
+    for tag in (("cut_left_out", "cut_compared") if a.cut_at else ("gradient", "intensity"))[:len(modes)]:
         ok = [r[tag][metric] < 2.0 for r in rows]
         quiet = sum((not o) and (not r[tag]["flagged"]) for o, r in zip(ok, rows))
         wrongly = sum(o and r[tag]["flagged"] for o, r in zip(ok, rows))
