@@ -45,12 +45,6 @@ class RegistrationOptions:
     # the loss really stalls.
     min_improvement: float = 1e-6
     samples_per_voxel: float = 1.0
-    # After the finest level, for an elongated CT that holds only bone: the roll about the bone's
-    # long axis scanned within +-shaft_roll_deg every shaft_roll_step_deg, then that level again
-    # (roll.py: the refinement stalls in that direction; on the wrist it left runs 0.4-13 deg
-    # apart about the shaft). 0 steps: off.
-    shaft_roll_deg: float = 16.0
-    shaft_roll_step_deg: float = 2.0
     # False: stop after the global search (CMA-ES alone / network alone), no gradient refinement.
     refine: bool = True
 

@@ -12,9 +12,6 @@ attempt with the best evidence is kept, ``flagged`` when none verified.
 | network | network descent |
 | hybrid | network descent + refinement; then the global search's candidates |
 | auto | hybrid with a model for this C-arm, else: the global search's candidates in turn |
-
-Every refinement ends, for a CT that is one long bone, with the roll search about its axis
-(roll.ShaftRollSearch; ``finishing``).
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from typing import Iterator
 from .network import NetworkDescent
 from .options import RegistrationOptions
 from .refine import GradientRefinement
-from .roll import ShaftRollSearch
 from .search import CandidateRefinement, CmaesSearch, GridSearch, LocalStarts, TakeCandidate
 from .state import RunState
 from .verify import Evidence, Verifier
@@ -45,18 +41,6 @@ class Attempt:
         return getattr(first, "available", lambda _: True)(state)
 
 
-def finishing(o: RegistrationOptions, levels) -> list:
-    """Gradient refinement through ``levels``, then the roll search about a long bone's axis at the
-    finest of them (ShaftRollSearch: it skips itself for a CT that is not one long bone)."""
-    levels = tuple(levels)
-    if not levels:
-        return []
-    stages = [GradientRefinement(levels)]
-    if o.shaft_roll_step_deg > 0:
-        stages.append(ShaftRollSearch(levels[-1], o.shaft_roll_deg, o.shaft_roll_step_deg))
-    return stages
-
-
 def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search, first_label: str,
                        rank_similarity: str | None = None) -> list[Attempt]:
     """``search`` (a stage that leaves candidates), their refinement together at the candidate
@@ -67,9 +51,9 @@ def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search
     # ranking needs only the verification's scores, not its bar
     stages = [search, CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None),
                                              rank_similarity)]
-    out = [Attempt(first_label, stages + [TakeCandidate(0)] + finishing(o, fine))]
+    out = [Attempt(first_label, stages + [TakeCandidate(0)] + ([GradientRefinement(fine)] if fine else []))]
     for k in range(1, max(1, o.max_attempts)):
-        out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + finishing(o, fine)))
+        out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + ([GradientRefinement(fine)] if fine else [])))
     return out
 
 
@@ -88,7 +72,7 @@ def local_start_attempts(o: RegistrationOptions, verifier: Verifier) -> list[Att
 
 def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, network=None) -> list[Attempt]:
     """The attempts of ``method`` ("auto" already resolved to "hybrid" or "search")."""
-    refine = finishing(o, o.levels) if o.refine else []
+    refine = [GradientRefinement(o.levels)] if o.refine else []
     if o.local_starts < 0:
         raise ValueError(f"local_starts (--local-starts) must be 0 or more, got {o.local_starts}")
     if o.local_starts and method != "intensity":
