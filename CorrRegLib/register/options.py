@@ -75,7 +75,8 @@ class RegistrationOptions:
     bone_only: bool | None = None
     bone_only_similarity: str = "gradient_ncc+ngf"
     # Where a face of the CT's box cuts through bone (a segmented shaft that runs out of the scan),
-    # leave the DRR's cut end out of every similarity (problem.cut_ends). Off: on the phantom's
+    # leave the DRR's cut end out of the similarities and the verification (problem.cut_ends; not
+    # the grid search's in-plane correlation). Off: on the phantom's
     # vertebrae cut through the middle (bench_one_bone.py --cut-at 40 --scale 2.5, 10 cases) it
     # rescued two far starts (5 of 10 within 2 mm against 4) but left the successes less precise
     # (0.25-0.92 mm against 0.24-0.56), and it did not sharpen the wrist (docs/registration.md).

@@ -91,8 +91,9 @@ def cut_ends(volume: Volume, depth_mm: float = 5.0, min_area_mm2: float = 10.0) 
 
     A bone cut by the CT's box (a segmented radius whose shaft runs out of the scan) ends in its DRR
     with an edge that is not anatomy, while the X-ray shows the shaft going on. With
-    ``options.exclude_cut_ends`` Problem leaves where that end projects out of every comparison
-    (see Problem.cut_shadow)."""
+    ``options.exclude_cut_ends`` Problem leaves where that end projects out of Problem.similarity
+    and the verification (see Problem.cut_shadow); the grid search's in-plane correlation still
+    sees it."""
     d = volume.data
     bone = d > BONE_MU_PER_MM
     tissue = d > AIR_THRESHOLD
@@ -142,7 +143,7 @@ class Problem:
         self.bone_only = holds_only_bone(volume) if options.bone_only is None else bool(options.bone_only)
         self._pyramid: dict[int, Volume] = {1: volume}
         self._projectors: dict[tuple, Projector] = {}
-        #: the ends where the CT's box cuts through bone, left out of every comparison (cut_ends)
+        #: the ends where the CT's box cuts through bone, left out of the similarities (cut_ends)
         self.cut = cut_ends(volume) if options.exclude_cut_ends else None
         self._cut_pyramid: dict[int, Volume] = {} if self.cut is None else {1: self.cut}
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
@@ -245,11 +246,12 @@ class Problem:
         return replace(cam, size=(cam.width + 2 * pad, cam.height + 2 * pad), principal_point=(cx + pad, cy + pad)), pad
 
     # ---- rendering and similarity ----------------------------------------------------------------
-    def render(self, ref_poses: Tensor, view: int, level: Level, camera: Camera | None = None) -> Tensor:
+    def render(self, ref_poses: Tensor, view: int, level: Level, camera: Camera | None = None,
+               cut: bool = False) -> Tensor:
         """DRRs (B, 1, h, w) of ``view`` at ``level`` (on ``camera``, default the level's detector) for
-        (B, 4, 4) reference poses (differentiable)."""
+        (B, 4, 4) reference poses (differentiable); ``cut``: of the CT's cut ends (cut_ends)."""
         poses = self.view_from_ref[view].to(ref_poses) @ ref_poses
-        return self.projector(view, level, camera)(poses.float())
+        return self.projector(view, level, camera, cut)(poses.float())
 
     def cut_shadow(self, ref_poses: Tensor, view: int, level: Level, camera: Camera | None = None) -> Tensor | None:
         """(B, 1, h, w) float: 1 where the CT's cut ends (cut_ends) project in ``view`` at ``level``
@@ -257,8 +259,7 @@ class Problem:
         if self.cut is None:
             return None
         with torch.no_grad():
-            poses = self.view_from_ref[view].to(ref_poses) @ ref_poses.detach()
-            shadow = self.projector(view, level, camera, cut=True)(poses.float())
+            shadow = self.render(ref_poses.detach(), view, level, camera, cut=True)
         return (shadow > 1e-3 * shadow.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(shadow.dtype)
 
     def roi(self, drr: Tensor, fov: Tensor | None, width: int | None = None, cut: Tensor | None = None) -> Tensor:

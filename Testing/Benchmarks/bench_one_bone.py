@@ -65,7 +65,10 @@ def main() -> int:
     cam = protocol.camera
     if a.compare and a.cut_at:
         ap.error("--compare and --cut-at compare different things; give one")
-    modes = [None, False] if a.compare or a.cut_at else [None]
+    if a.cut_at:  # (tag, options that differ from the defaults)
+        runs = [("cut_left_out", {"exclude_cut_ends": True}), ("cut_compared", {"exclude_cut_ends": False})]
+    else:
+        runs = [("gradient", {})] + ([("intensity", {"bone_only": False})] if a.compare else [])
     rows = []
     for k in range(a.first, a.first + a.cases):
         g = torch.Generator().manual_seed(1000 * a.phantom_seed + k)
@@ -83,11 +86,8 @@ def main() -> int:
         start = perturb_pose(truth, iso, ((torch.rand(3, generator=g) * 2 - 1) * 3 * a.scale).tolist(),
                              ((torch.rand(3, generator=g) * 2 - 1) * offsets).tolist())
         row = {"case": k, "start_mtre": float(mtre(start, truth, ph.landmarks))}
-        for mode in modes:
-            if a.cut_at:  # mode None: the cut end left out; False: compared like the rest
-                options = RegistrationOptions(exclude_cut_ends=mode is None, local_starts=a.local_starts)
-            else:
-                options = RegistrationOptions(bone_only=mode, local_starts=a.local_starts)
+        for tag, changed in runs:
+            options = RegistrationOptions(local_starts=a.local_starts, **changed)
             if a.views == 1:
                 res = RegistrationSession(bone, xrays[0], cam, start, method=a.method, isocenter=iso, options=options).run()
             else:
@@ -95,8 +95,6 @@ def main() -> int:
                                           views=[View(x, cam, c) for x, c in zip(xrays, cfw)]).run()
             pose = res.pose
             depth = (transform_points(cfw[0] @ pose, iso.reshape(1, 3)) - transform_points(cfw[0] @ truth, iso.reshape(1, 3)))[0, 2]
-            tag = ("cut_left_out" if mode is None else "cut_compared") if a.cut_at else \
-                ("gradient" if mode is None else "intensity")
             row[tag] = {"mtre": float(mtre(pose, truth, ph.landmarks)),
                         "mpd": float(mpd(cam, cfw[0] @ pose, cfw[0] @ truth, ph.landmarks)), "depth_mm": float(depth),
                         "consistency": float(res.evidence["consistency"]) if res.evidence else float("nan"),
@@ -105,7 +103,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     metric = "mpd" if a.views == 1 else "mtre"
-    for tag in (("cut_left_out", "cut_compared") if a.cut_at else ("gradient", "intensity"))[:len(modes)]:
+    for tag, _ in runs:
         ok = [r[tag][metric] < 2.0 for r in rows]
         quiet = sum((not o) and (not r[tag]["flagged"]) for o, r in zip(ok, rows))
         wrongly = sum(o and r[tag]["flagged"] for o, r in zip(ok, rows))
