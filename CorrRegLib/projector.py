@@ -39,7 +39,7 @@ AIR_THRESHOLD = 0.002
 _SLICING = {0: ((2, 0, 1), (1, 2)), 1: ((1, 0, 2), (0, 2)), 2: ((0, 1, 2), (0, 1))}
 
 
-def _occupied_box(data: Tensor, threshold: float) -> tuple[list[float], list[float]]:
+def occupied_box(data: Tensor, threshold: float) -> tuple[list[float], list[float]]:
     """Index-space (i, j, k) box holding every voxel above ``threshold``, one voxel of margin
     for the trilinear support, clipped to the volume's extent."""
     k, j, i = data.shape
@@ -94,7 +94,7 @@ class Projector(torch.nn.Module):
         self.volume = volume
         self.max_points = int(max_points)
         data = volume.data
-        lo, hi = _occupied_box(data.detach(), air_threshold)
+        lo, hi = occupied_box(data.detach(), air_threshold)
         # Crop the voxels to the occupied box (plus the trilinear margin) so caches hold less air.
         i0, j0, k0 = (max(0, math.floor(v + 0.5)) for v in lo)
         i1, j1, k1 = (math.ceil(v + 0.5) for v in hi)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import Camera, invert_pose, transform_points
-from ..projector import AIR_THRESHOLD, Projector
+from ..projector import AIR_THRESHOLD, Projector, occupied_box
 from ..similarity import COUNTS_UNSEEN, EDGES_ONLY, get_similarity
 from ..volume import BONE_MU_PER_MM, Volume
 from .bounds import PoseBounds
@@ -28,6 +28,15 @@ Tensor = torch.Tensor
 SUPPORT_FRACTION = 0.02
 #: The cut ends' shadow is grown by this many pixels before it is left out.
 CUT_GROW_PX = 1
+#: A similarity window's origin is a multiple of this many pixels of its canvas, so that tiled and
+#: pooled similarities (patch NCC's 9 px patches, multiscale's 2 and 4 px pools) see the same tiles
+#: as on the whole canvas.
+WINDOW_ALIGN_PX = 36
+#: Beyond the region grown by the ROI margin, a window keeps this many pixels (derivatives, the
+#: mask's erosion, a last partial patch), and when it has to move, this share of its size more,
+#: so that a pose that keeps moving the same way does not move it on every iteration.
+WINDOW_PAD_PX = 10
+WINDOW_SLACK = 0.15
 
 
 def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
@@ -147,6 +156,8 @@ class Problem:
         self.cut = cut_ends(volume) if options.exclude_cut_ends else None
         self._cut_pyramid: dict[int, Volume] = {} if self.cut is None else {1: self.cut}
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+        self._occupied = occupied_box(volume.data.detach(), AIR_THRESHOLD)
+        self._windows: dict[tuple, tuple[int, int, int, int]] = {}
 
     # ---- frames --------------------------------------------------------------------------------
     def world_pose(self, ref_pose: Tensor) -> Tensor:
@@ -283,9 +294,57 @@ class Problem:
             return self.options.bone_only_similarity
         return name
 
+    def occupied_corners(self, volume_factor: int = 1) -> Tensor:
+        """(8, 3) LPS corners of the box that holds every non-air voxel, grown by ``volume_factor``
+        voxels (a voxel of the CT pooled by that factor, which spreads that far): nothing of the
+        CT at that factor projects outside them."""
+        (lo, hi), f = self._occupied, float(volume_factor)
+        corners = torch.tensor([[a, b, c, 1.0] for a in (lo[0] - f, hi[0] + f) for b in (lo[1] - f, hi[1] + f)
+                                for c in (lo[2] - f, hi[2] + f)], dtype=torch.float64)
+        return (corners @ self.volume.lps_from_index().T)[:, :3]
+
+    def window(self, ref_poses: Tensor, view: int, camera: Camera, margin_px: int,
+               volume_factor: int = 1) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1): the part of ``camera``'s pixels that a similarity of these (B, 4, 4)
+        poses can depend on. Outside the projection of the CT's occupied box (occupied_corners at
+        the level's ``volume_factor``), grown by ``margin_px`` (the ROI margin) and WINDOW_PAD_PX,
+        the DRR is zero and no pixel is compared,
+        so rendering only the window gives the same score and gradients as the whole canvas at a
+        fraction of the cost (the wrist's radius covers a tenth of its 1760 px image). The window
+        is kept while the poses stay inside it and moved, with WINDOW_SLACK to spare, when not."""
+        with torch.no_grad():
+            poses = (self.view_from_ref[view] @ ref_poses.detach().cpu().double().reshape(-1, 4, 4))
+            cam_pts = transform_points(poses, self.occupied_corners(volume_factor).expand(poses.shape[0], 8, 3))  # (B, 8, 3)
+            z = cam_pts[..., 2:].clamp_min(1e-6)
+            uv = (cam_pts / z) @ camera.intrinsics().T  # (B, 8, 3) pixel coordinates (u, v, 1)
+        w, h = camera.width, camera.height
+        if bool((cam_pts[..., 2] <= 1e-6).any()) or not bool(torch.isfinite(uv).all()):
+            return 0, 0, w, h  # part of the CT behind the source: no bound
+        grow_px = margin_px + WINDOW_PAD_PX
+        need = (float(uv[..., 0].min()) - grow_px, float(uv[..., 1].min()) - grow_px,
+                float(uv[..., 0].max()) + grow_px, float(uv[..., 1].max()) + grow_px)
+        need = (max(0.0, need[0]), max(0.0, need[1]), min(float(w), need[2]), min(float(h), need[3]))
+        key = (view, camera)
+        old = self._windows.get(key)
+        if old is not None and old[0] <= need[0] and old[1] <= need[1] and old[2] >= need[2] and old[3] >= need[3]:
+            return old
+        if need[2] <= need[0] or need[3] <= need[1]:
+            return 0, 0, w, h  # the CT projects off the canvas: the score says so on the whole of it
+        slack = WINDOW_SLACK * max(need[2] - need[0], need[3] - need[1])
+        x0 = int(max(0.0, need[0] - slack) // WINDOW_ALIGN_PX) * WINDOW_ALIGN_PX
+        y0 = int(max(0.0, need[1] - slack) // WINDOW_ALIGN_PX) * WINDOW_ALIGN_PX
+        x1, y1 = min(w, int(need[2] + slack) + 1), min(h, int(need[3] + slack) + 1)
+        if old is not None:  # its projectors are not needed any more
+            stale = window_camera(camera, old)
+            self._projectors = {k: p for k, p in self._projectors.items() if k[0] != stale}
+        self._windows[key] = (x0, y0, x1, y1)
+        return x0, y0, x1, y1
+
     def similarity(self, ref_poses: Tensor, level: Level, name: str | None = None,
-                   as_asked: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """(B,) similarity averaged over the views, and the DRRs; differentiable in the poses.
+                   as_asked: bool = False, windowed: bool = True) -> tuple[Tensor, Tensor]:
+        """((B,) similarity averaged over the views, differentiable in the poses; (B,) bool: the CT
+        projects onto every view's detector). Each view's DRR is rendered only on its ``window``
+        (``windowed=False``: on the whole canvas, the same score at more cost; for benchmarks).
         ``as_asked``: ``name`` even for a bone-only CT (no similarity_name substitution)."""
         asked = name or level.similarity or self.options.similarity
         chosen = asked if as_asked else self.similarity_name(asked)
@@ -293,22 +352,31 @@ class Problem:
         # a similarity in COUNTS_UNSEEN sees the whole projection, also where it leaves the detector
         # (rendered on the canvas) or the usable field
         counts_unseen = chosen in COUNTS_UNSEEN
-        total, drrs = 0.0, []
+        total, shows = 0.0, None
         for v in range(len(self.views)):
             detector = self.level_camera(v, level)
-            camera, pad = self.canvas(v, level) if counts_unseen else (detector, 0)
+            canvas, pad = self.canvas(v, level) if counts_unseen else (detector, 0)
+            margin = max(1, round(self.options.roi_margin * detector.width))
+            x0, y0, x1, y1 = (self.window(ref_poses, v, canvas, margin, self.volume_factor(v, level)) if windowed
+                              else (0, 0, canvas.width, canvas.height))
+            camera = window_camera(canvas, (x0, y0, x1, y1))
             drr = self.render(ref_poses, v, level, camera)
             fixed, usable = self.fixed(v, detector, pad)
+            fixed = fixed[..., y0:y1, x0:x1]
+            usable = None if usable is None else usable[..., y0:y1, x0:x1]
             region = self.roi(drr, None, detector.width, self.cut_shadow(ref_poses, v, level, camera))
             compared = region if usable is None else region * usable
             total = total + (sim(fixed, drr, compared, region) if counts_unseen else sim(fixed, drr, compared))
-            drrs.append(drr)
-        return total / len(self.views), drrs
+            # "the CT projects onto the detector": more than 0.5 % of the canvas shows it
+            here = (drr.detach().flatten(1) > 1e-3).double().sum(1).cpu() > 0.005 * canvas.width * canvas.height
+            shows = here if shows is None else shows & here
+        return total / len(self.views), shows
 
-    def shows_anatomy(self, drrs: list[Tensor]) -> Tensor:
-        """(B,) bool: the CT projects onto every view's detector."""
-        ok = None
-        for d in drrs:
-            here = (d.detach().flatten(1) > 1e-3).float().mean(1) > 0.005
-            ok = here if ok is None else ok & here
-        return ok.cpu()
+
+def window_camera(camera: Camera, window: tuple[int, int, int, int]) -> Camera:
+    """The pixels (x0, y0, x1, y1) of ``camera`` as a camera of their own (the same rays)."""
+    x0, y0, x1, y1 = window
+    if (x0, y0, x1, y1) == (0, 0, camera.width, camera.height):
+        return camera
+    cx, cy = camera.principal_point
+    return replace(camera, size=(x1 - x0, y1 - y0), principal_point=(cx - x0, cy - y0))

@@ -64,10 +64,9 @@ class LevelRefiner:
             if self.problem.should_stop():
                 raise RegistrationCancelled
             poses = self.poses()
-            score, drrs = self.problem.similarity(poses, self.level, self.similarity)
+            score, shows = self.problem.similarity(poses, self.level, self.similarity)
             loss_t = 1.0 - score
             loss = loss_t.detach().double().cpu()
-            shows = self.problem.shows_anatomy(drrs)
             inside = self.problem.bounds.contains(poses.detach())
             for i in range(b):
                 if not active[i]:

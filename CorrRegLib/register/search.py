@@ -302,9 +302,9 @@ class CmaesSearch:
             xs = es.ask()
             poses = space.pose(torch.as_tensor(np.asarray(xs), dtype=torch.float64))
             with torch.no_grad():
-                score, drrs = problem.similarity(poses, self.level, self.similarity)
+                score, shows = problem.similarity(poses, self.level, self.similarity)
                 losses = (1.0 - score).double().cpu()
-                empty = ~problem.shows_anatomy(drrs)
+                empty = ~shows
                 losses = torch.where(empty | ~torch.isfinite(losses), torch.full_like(losses, 2.0), losses)
             values = losses.numpy()
             es.tell(xs, values.tolist())

@@ -153,10 +153,14 @@ def test_a_bone_pushed_off_the_detector_cannot_hide_its_shadow(ph, spine_case):
     assert pad >= 1 and canvas.width == detector.width + 2 * pad and canvas.height == detector.height + 2 * pad
     off = torch.eye(4, dtype=torch.float64)
     off[1, 3] = 0.45 * cam.height * cam.pixel_spacing[1] * float(truth[2, 3]) / cam.sdd  # 45 % of the detector down
+    poses = torch.stack([truth, off @ truth])
+    x0, y0, x1, y1 = problem.window(poses, 0, canvas, round(problem.options.roi_margin * detector.width))
     with torch.no_grad():
-        score, drrs = problem.similarity(torch.stack([truth, off @ truth]), level)
-    beyond = drrs[0][1, 0, pad + detector.height:, :]  # the canvas rows below the detector
-    assert float(beyond.sum()) > 0.1 * float(drrs[0][1].sum())  # the moved bones are rendered there
+        score, _ = problem.similarity(poses, level)
+        drr = problem.render(poses, 0, level, canvas)
+    beyond = drr[1, 0, pad + detector.height:, :]  # the canvas rows below the detector
+    assert float(beyond.sum()) > 0.1 * float(drr[1].sum())  # the moved bones are rendered there
+    assert y1 > pad + detector.height  # and the similarity's window reaches them
     assert float(score[0]) > float(score[1]) + 0.05
 
 
