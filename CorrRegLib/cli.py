@@ -157,7 +157,8 @@ def _options(args):
             raise ValueError(f"--verify must lie in [0, 1.5] (0 turns verification off), got {verify}")
         kw["fallback_below"] = kw["bone_only_fallback_below"] = verify if verify > 0 else None
     # build_attempts refuses a negative count or another method than intensity
-    return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, local_starts=getattr(args, "local_starts", 0) or 0, **kw)
+    return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, local_starts=getattr(args, "local_starts", 0) or 0,
+                               exclude_cut_ends=bool(getattr(args, "exclude_cut_ends", False)), **kw)
 
 
 def _run_with_progress(session, label: str, quiet: bool = False):

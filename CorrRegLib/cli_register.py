@@ -57,6 +57,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="--method intensity: also refine N starts around --init (10 deg / 10 mm away) together with "
                         "it, keep the best, and flag the result when fewer than half of them end there (the result "
                         "would depend on the start; real images, e.g. docs/real-data.md); default 0: --init alone")
+    p.add_argument("--exclude-cut-ends", action="store_true",
+                   help="where the CT's box cuts through bone (a segmented shaft that runs out of the scan), leave "
+                        "the 5 mm of bone next to the cut out of the comparison: its DRR ends in an edge the X-ray "
+                        "does not show (RegistrationOptions.exclude_cut_ends; off by default, docs/registration.md)")
     p.add_argument("--verify", type=finite_float, metavar="K",
                    help="consistency a result needs to count as registered (how the similarity falls around it "
                         "against the DRR's own decorrelation; registered poses score about 1): below it the next "

@@ -133,3 +133,5 @@ def test_verify_sets_or_disables_verification():
     with pytest.raises(ValueError, match="--verify"):
         _options(parse("--verify", "2"))
     assert parse().method == "auto"
+    assert not _options(parse()).exclude_cut_ends  # off, as in the library
+    assert _options(parse("--exclude-cut-ends")).exclude_cut_ends
