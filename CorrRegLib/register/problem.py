@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..geometry import Camera, invert_pose, transform_points
+from ..geometry import Camera, invert_pose, project_points, transform_points
 from ..projector import AIR_THRESHOLD, Projector, occupied_box
 from ..similarity import COUNTS_UNSEEN, EDGES_ONLY, get_similarity
 from ..volume import BONE_MU_PER_MM, Volume
@@ -273,6 +273,10 @@ class Problem:
             shadow = self.render(ref_poses.detach(), view, level, camera, cut=True)
         return (shadow > 1e-3 * shadow.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(shadow.dtype)
 
+    def roi_margin_px(self, width: int) -> int:
+        """The ROI's margin (``options.roi_margin`` of a detector ``width`` pixels wide), in pixels."""
+        return max(1, round(self.options.roi_margin * width))
+
     def roi(self, drr: Tensor, fov: Tensor | None, width: int | None = None, cut: Tensor | None = None) -> Tensor:
         """(B, 1, h, w) float mask: where the CT projects, grown by ``roi_margin`` x ``width`` (the
         detector's width in the DRR's pixels; default the DRR's width) or shrunk by it for a cropped
@@ -280,8 +284,7 @@ class Problem:
         the DRR's cut edge is not compared."""
         d = drr.detach()
         support = (d > SUPPORT_FRACTION * d.amax((2, 3), keepdim=True).clamp_min(1e-12)).to(d.dtype)
-        margin = max(1, round(self.options.roi_margin * (width or d.shape[-1])))
-        mask = grow(support, self.roi_sign * margin)
+        mask = grow(support, self.roi_sign * self.roi_margin_px(width or d.shape[-1]))
         if cut is not None:
             mask = mask * (1.0 - grow(cut, CUT_GROW_PX))
         return mask if fov is None else mask * fov
@@ -308,28 +311,27 @@ class Problem:
         """(x0, y0, x1, y1): the part of ``camera``'s pixels that a similarity of these (B, 4, 4)
         poses can depend on. Outside the projection of the CT's occupied box (occupied_corners at
         the level's ``volume_factor``), grown by ``margin_px`` (the ROI margin) and WINDOW_PAD_PX,
-        the DRR is zero and no pixel is compared,
-        so rendering only the window gives the same score and gradients as the whole canvas at a
-        fraction of the cost (the wrist's radius covers a tenth of its 1760 px image). The window
-        is kept while the poses stay inside it and moved, with WINDOW_SLACK to spare, when not."""
+        the DRR is zero and no pixel is compared, so rendering only the window gives the same score
+        and gradients as the whole canvas at a fraction of the cost (the wrist's radius covers a
+        tenth of its 1760 px image). The window is kept while the poses stay inside it and moved,
+        with WINDOW_SLACK to spare, when not."""
         with torch.no_grad():
-            poses = (self.view_from_ref[view] @ ref_poses.detach().cpu().double().reshape(-1, 4, 4))
-            cam_pts = transform_points(poses, self.occupied_corners(volume_factor).expand(poses.shape[0], 8, 3))  # (B, 8, 3)
-            z = cam_pts[..., 2:].clamp_min(1e-6)
-            uv = (cam_pts / z) @ camera.intrinsics().T  # (B, 8, 3) pixel coordinates (u, v, 1)
+            poses = self.view_from_ref[view] @ ref_poses.detach().cpu().double().reshape(-1, 4, 4)
+            corners = self.occupied_corners(volume_factor)
+            depth = transform_points(poses, corners)[..., 2]  # (B, 8)
+            uv = project_points(camera, poses, corners)  # (B, 8, 2)
         w, h = camera.width, camera.height
-        if bool((cam_pts[..., 2] <= 1e-6).any()) or not bool(torch.isfinite(uv).all()):
+        if bool((depth <= 1e-6).any()) or not bool(torch.isfinite(uv).all()):
             return 0, 0, w, h  # part of the CT behind the source: no bound
         grow_px = margin_px + WINDOW_PAD_PX
-        need = (float(uv[..., 0].min()) - grow_px, float(uv[..., 1].min()) - grow_px,
-                float(uv[..., 0].max()) + grow_px, float(uv[..., 1].max()) + grow_px)
-        need = (max(0.0, need[0]), max(0.0, need[1]), min(float(w), need[2]), min(float(h), need[3]))
+        need = (max(0.0, float(uv[..., 0].min()) - grow_px), max(0.0, float(uv[..., 1].min()) - grow_px),
+                min(float(w), float(uv[..., 0].max()) + grow_px), min(float(h), float(uv[..., 1].max()) + grow_px))
+        if need[2] <= need[0] or need[3] <= need[1]:
+            return 0, 0, w, h  # the CT projects off the canvas: the score says so on the whole of it
         key = (view, camera)
         old = self._windows.get(key)
         if old is not None and old[0] <= need[0] and old[1] <= need[1] and old[2] >= need[2] and old[3] >= need[3]:
             return old
-        if need[2] <= need[0] or need[3] <= need[1]:
-            return 0, 0, w, h  # the CT projects off the canvas: the score says so on the whole of it
         slack = WINDOW_SLACK * max(need[2] - need[0], need[3] - need[1])
         x0 = int(max(0.0, need[0] - slack) // WINDOW_ALIGN_PX) * WINDOW_ALIGN_PX
         y0 = int(max(0.0, need[1] - slack) // WINDOW_ALIGN_PX) * WINDOW_ALIGN_PX
@@ -356,7 +358,7 @@ class Problem:
         for v in range(len(self.views)):
             detector = self.level_camera(v, level)
             canvas, pad = self.canvas(v, level) if counts_unseen else (detector, 0)
-            margin = max(1, round(self.options.roi_margin * detector.width))
+            margin = self.roi_margin_px(detector.width)
             x0, y0, x1, y1 = (self.window(ref_poses, v, canvas, margin, self.volume_factor(v, level)) if windowed
                               else (0, 0, canvas.width, canvas.height))
             camera = window_camera(canvas, (x0, y0, x1, y1))

@@ -44,10 +44,10 @@ def phantom_case():
 
 
 def wrist_case(ct: str):
-    from wrist_register import load_case
+    from wrist_register import DATA, load_case
     from CorrRegLib.io import read_world_pose_json
 
-    ns = argparse.Namespace(ct=ct, data="/work/shared/data/wrist-biplane", threads=torch.get_num_threads())
+    ns = argparse.Namespace(ct=ct, data=str(DATA), threads=torch.get_num_threads())
     vol, centre, views = load_case(ns)
     pose, _ = read_world_pose_json(Path(__file__).resolve().parents[2] / "docs/results/wrist/best_pose.json")
     return vol, centre, pose, views

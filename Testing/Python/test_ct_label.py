@@ -154,7 +154,7 @@ def test_a_bone_pushed_off_the_detector_cannot_hide_its_shadow(ph, spine_case):
     off = torch.eye(4, dtype=torch.float64)
     off[1, 3] = 0.45 * cam.height * cam.pixel_spacing[1] * float(truth[2, 3]) / cam.sdd  # 45 % of the detector down
     poses = torch.stack([truth, off @ truth])
-    x0, y0, x1, y1 = problem.window(poses, 0, canvas, round(problem.options.roi_margin * detector.width))
+    x0, y0, x1, y1 = problem.window(poses, 0, canvas, problem.roi_margin_px(detector.width), problem.volume_factor(0, level))
     with torch.no_grad():
         score, _ = problem.similarity(poses, level)
         drr = problem.render(poses, 0, level, canvas)

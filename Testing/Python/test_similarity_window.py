@@ -99,7 +99,7 @@ def test_the_window_is_small_and_follows_the_bone(two_views):
     level = Level(192, 0, 0.0)
     detector = problem.level_camera(0, level)
     canvas, pad = problem.canvas(0, level)
-    margin = round(problem.options.roi_margin * detector.width)
+    margin = problem.roi_margin_px(detector.width)
     here = problem.window(problem.initial_pose[None], 0, canvas, margin)
     x0, y0, x1, y1 = here
     assert x0 % WINDOW_ALIGN_PX == 0 and y0 % WINDOW_ALIGN_PX == 0
