@@ -63,6 +63,15 @@ class RegistrationOptions:
     # projects, grown by this margin (a fraction of the detector width): a CT that holds one bone
     # or a crop is compared with the part of the image it can explain, not with the whole image.
     roi_margin: float = 0.06
+    # Hold the compared region while a level refines: take it where the CT projects at the level's
+    # start (re-framed on a pose only once the CT's box has moved ``region_refresh`` ROI margins on
+    # a detector) instead of at every pose; only where the margin spans Problem's MIN_HELD_MARGIN_PX
+    # (4 px). A region that follows the pose makes the score jump as pixels enter and leave it, and
+    # rewards poses that keep unexplained structure (a neighbouring bone) out of the margin: on the
+    # wrist the radius's results spread half as far held (docs/registration.md, "Held region").
+    # The verification's scores still take each pose's own region.
+    hold_region: bool = True
+    region_refresh: float = 0.5
     # A similarity that counts the CT's whole projection (similarity.COUNTS_UNSEEN) renders it on
     # the detector extended by this fraction of the CT's footprint on every side.
     unseen_margin: float = 0.5

@@ -37,6 +37,10 @@ WINDOW_ALIGN_PX = 36
 #: so that a pose that keeps moving the same way does not move it on every iteration.
 WINDOW_PAD_PX = 10
 WINDOW_SLACK = 0.15
+#: A level holds its compared region (options.hold_region) only where the ROI margin is at least this
+#: many of its pixels: the similarities erode the region by a pixel and differentiate over another,
+#: so a region held over a narrower margin cuts the DRR's own edge before it is re-framed.
+MIN_HELD_MARGIN_PX = 4
 
 
 def resize(img: Tensor, size: tuple[int, int]) -> Tensor:
@@ -158,6 +162,7 @@ class Problem:
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
         self._occupied = occupied_box(volume.data.detach(), AIR_THRESHOLD)
         self._windows: dict[tuple, tuple[int, int, int, int]] = {}
+        self._held_regions: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     # ---- frames --------------------------------------------------------------------------------
     def world_pose(self, ref_pose: Tensor) -> Tensor:
@@ -289,6 +294,41 @@ class Problem:
             mask = mask * (1.0 - grow(cut, CUT_GROW_PX))
         return mask if fov is None else mask * fov
 
+    def holds_region(self, level: Level) -> bool:
+        """Whether ``level``'s refinement holds its compared region (options.hold_region, and an ROI
+        margin of at least MIN_HELD_MARGIN_PX in every view)."""
+        return self.options.hold_region and all(
+            self.roi_margin_px(self.level_camera(v, level).width) >= MIN_HELD_MARGIN_PX for v in range(len(self.views)))
+
+    def region_drift(self, ref_poses: Tensor, region_poses: Tensor, level: Level) -> Tensor:
+        """(B,) how far the CT's occupied box (its 8 corners) has moved on the detectors between
+        ``region_poses`` and ``ref_poses``, in ROI margins (the largest over corners and views):
+        above about a half, a region held since ``region_poses`` no longer frames the DRR."""
+        with torch.no_grad():
+            corners = self.occupied_corners()
+            drift = torch.zeros(ref_poses.shape[0], dtype=torch.float64)
+            for v in range(len(self.views)):
+                cam = self.level_camera(v, level)
+                t = self.view_from_ref[v]
+                now = project_points(cam, t @ ref_poses.detach().cpu().double(), corners)
+                then = project_points(cam, t @ region_poses.detach().cpu().double(), corners)
+                moved = (now - then).norm(dim=-1).amax(-1) / self.roi_margin_px(cam.width)
+                drift = torch.maximum(drift, torch.nan_to_num(moved, nan=float("inf")))
+        return drift
+
+    def held_region(self, region_poses: Tensor, view: int, level: Level, camera: Camera, width: int) -> Tensor:
+        """(B, 1, h, w): the roi of the DRRs at ``region_poses`` on ``camera`` (see similarity),
+        computed once while the same tensor is asked for on the same camera."""
+        key = (view, camera, self.volume_factor(view, level))
+        held = self._held_regions.get(key)
+        if held is None or held[0] is not region_poses:
+            with torch.no_grad():
+                poses = region_poses.to(torch.float64)
+                drr = self.render(poses, view, level, camera)
+                held = (region_poses, self.roi(drr, None, width, self.cut_shadow(poses, view, level, camera)))
+            self._held_regions[key] = held
+        return held[1]
+
     def similarity_name(self, name: str) -> str:
         """The similarity a stage asking for ``name`` gets: one with an intensity term (similarity.
         EDGES_ONLY lists those without) becomes ``options.bone_only_similarity`` for a CT that holds
@@ -339,15 +379,20 @@ class Problem:
         if old is not None:  # its projectors are not needed any more
             stale = window_camera(camera, old)
             self._projectors = {k: p for k, p in self._projectors.items() if k[0] != stale}
+            self._held_regions = {k: r for k, r in self._held_regions.items() if k[1] != stale}
         self._windows[key] = (x0, y0, x1, y1)
         return x0, y0, x1, y1
 
     def similarity(self, ref_poses: Tensor, level: Level, name: str | None = None,
-                   as_asked: bool = False, windowed: bool = True) -> tuple[Tensor, Tensor]:
+                   as_asked: bool = False, windowed: bool = True,
+                   region_poses: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """((B,) similarity averaged over the views, differentiable in the poses; (B,) bool: the CT
         projects onto every view's detector). Each view's DRR is rendered only on its ``window``
         (``windowed=False``: on the whole canvas, the same score at more cost; for benchmarks).
-        ``as_asked``: ``name`` even for a bone-only CT (no similarity_name substitution)."""
+        ``as_asked``: ``name`` even for a bone-only CT (no similarity_name substitution).
+        ``region_poses`` (B, 4, 4): take the compared region (roi) where the CT projects at these
+        poses instead of at ``ref_poses`` (RegistrationOptions.hold_region); the region is cached
+        while the same tensor is passed."""
         asked = name or level.similarity or self.options.similarity
         chosen = asked if as_asked else self.similarity_name(asked)
         sim = get_similarity(chosen)
@@ -359,14 +404,18 @@ class Problem:
             detector = self.level_camera(v, level)
             canvas, pad = self.canvas(v, level) if counts_unseen else (detector, 0)
             margin = self.roi_margin_px(detector.width)
-            x0, y0, x1, y1 = (self.window(ref_poses, v, canvas, margin, self.volume_factor(v, level)) if windowed
+            framed = ref_poses if region_poses is None else torch.cat([ref_poses.detach(), region_poses.to(ref_poses)])
+            x0, y0, x1, y1 = (self.window(framed, v, canvas, margin, self.volume_factor(v, level)) if windowed
                               else (0, 0, canvas.width, canvas.height))
             camera = window_camera(canvas, (x0, y0, x1, y1))
             drr = self.render(ref_poses, v, level, camera)
             fixed, usable = self.fixed(v, detector, pad)
             fixed = fixed[..., y0:y1, x0:x1]
             usable = None if usable is None else usable[..., y0:y1, x0:x1]
-            region = self.roi(drr, None, detector.width, self.cut_shadow(ref_poses, v, level, camera))
+            if region_poses is None:
+                region = self.roi(drr, None, detector.width, self.cut_shadow(ref_poses, v, level, camera))
+            else:
+                region = self.held_region(region_poses, v, level, camera, detector.width)
             compared = region if usable is None else region * usable
             total = total + (sim(fixed, drr, compared, region) if counts_unseen else sim(fixed, drr, compared))
             # "the CT projects onto the detector": more than 0.5 % of the canvas shows it

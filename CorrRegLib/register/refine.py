@@ -48,6 +48,8 @@ class LevelRefiner:
         self.best_losses = torch.full((b,), math.inf, dtype=torch.float64)
         self.failures: list[str | None] = [None] * b
         self.iterations = 0
+        #: options.hold_region: the poses whose DRRs frame the compared region (None: each pose's own)
+        self.region_poses = self.base.clone() if problem.holds_region(level) else None
 
     def poses(self) -> Tensor:
         return pose_from_params(self.base, self.centre, self.params, self.problem.options.rotation_scale_mm)
@@ -64,7 +66,8 @@ class LevelRefiner:
             if self.problem.should_stop():
                 raise RegistrationCancelled
             poses = self.poses()
-            score, shows = self.problem.similarity(poses, self.level, self.similarity)
+            self._move_region(poses)
+            score, shows = self.problem.similarity(poses, self.level, self.similarity, region_poses=self.region_poses)
             loss_t = 1.0 - score
             loss = loss_t.detach().double().cpu()
             inside = self.problem.bounds.contains(poses.detach())
@@ -102,6 +105,16 @@ class LevelRefiner:
                 break
             opt.step()
             sched.step(float((loss * active).sum()))
+
+
+    def _move_region(self, poses: Tensor) -> None:
+        """Re-frame the held region on the poses that have moved more than ``region_refresh``
+        ROI margins from where it was framed (a new tensor, so the problem's cache renews it)."""
+        if self.region_poses is None:
+            return
+        moved = self.problem.region_drift(poses, self.region_poses, self.level) > self.problem.options.region_refresh
+        if bool(moved.any()):
+            self.region_poses = torch.where(moved[:, None, None], poses.detach().double(), self.region_poses)
 
 
 class GradientRefinement:

@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--cut-at", type=int, metavar="K",
                     help="keep only the CT's slices below K, a box that cuts through a bone (K 62: the middle of "
                          "the top vertebra), and compare leaving its cut end out (exclude_cut_ends) with comparing it")
+    ap.add_argument("--compare-region", action="store_true",
+                    help="compare the compared region held through each level (hold_region) with one that follows the pose")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the rows as JSON here")
     a = ap.parse_args()
@@ -65,8 +67,12 @@ def main() -> int:
     cam = protocol.camera
     if a.compare and a.cut_at:
         ap.error("--compare and --cut-at compare different things; give one")
+    if a.compare_region and (a.compare or a.cut_at):
+        ap.error("--compare-region compares one thing at a time; give it without --compare and --cut-at")
     if a.cut_at:  # (tag, options that differ from the defaults)
         runs = [("cut_left_out", {"exclude_cut_ends": True}), ("cut_compared", {"exclude_cut_ends": False})]
+    elif a.compare_region:
+        runs = [("region_follows", {"hold_region": False}), ("region_held", {"hold_region": True})]
     else:
         runs = [("gradient", {})] + ([("intensity", {"bone_only": False})] if a.compare else [])
     rows = []

@@ -107,6 +107,8 @@ def main() -> int:
                     help="add a finest level of PX pixels across the bone (patch NCC) and verify at half of it")
     ap.add_argument("--local-starts", type=int, default=0, metavar="N",
                     help="each registration also refines N starts around its own (RegistrationOptions.local_starts)")
+    ap.add_argument("--region-follows-pose", action="store_true", help="frame the compared region at every pose "
+                    "instead of holding it through each level (RegistrationOptions.hold_region=False, the release before)")
     ap.add_argument("--part", default="0/1", metavar="I/N",
                     help="run only the starts k with k %% N == I (one process per core), writing part-I.json")
     ap.add_argument("--join", action="store_true", help="join the part-*.json files in --out into summary.json")
@@ -127,7 +129,7 @@ def main() -> int:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
         return 0
     part, n_parts = (int(x) for x in a.part.split("/"))
-    options = RegistrationOptions(local_starts=a.local_starts)
+    options = RegistrationOptions(local_starts=a.local_starts, hold_region=not a.region_follows_pose)
     if a.fine:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
                           verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))

@@ -127,3 +127,93 @@ def test_a_bone_that_leaves_the_detector_is_reported(two_views):
     with torch.no_grad():
         _, shows = problem.similarity(torch.stack([problem.initial_pose, far]), level, "ncc")
     assert shows.tolist() == [True, False]
+
+
+# ---- the held region (RegistrationOptions.hold_region) --------------------------------------------
+
+def test_a_region_held_at_the_poses_themselves_scores_as_their_own(two_views):
+    problem = two_views
+    ref = problem.initial_pose
+    poses = torch.stack([ref, perturb_pose(ref, problem.isocenter, [3.0, 0.0, -2.0], [4.0, -3.0, 5.0])])
+    level = Level(96, 0, 0.0)
+    for name in ("gradient_ncc+ngf", "patch_ncc"):
+        own, g_own = scores_and_gradients(problem, poses, level, name, windowed=True)
+        params = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+        moved = pose_from_params(poses, problem.isocenter.reshape(1, 3).expand(2, 3), params, 100.0)
+        held, _ = problem.similarity(moved, level, name, as_asked=True, region_poses=poses.clone())
+        held.sum().backward()
+        assert torch.allclose(held.detach(), own, atol=1e-6, rtol=0)
+        assert torch.allclose(params.grad, g_own, atol=1e-5 * float(g_own.abs().max()), rtol=1e-4)
+
+
+def test_a_held_region_is_the_one_framed_at_its_poses(two_views):
+    """A moved pose is compared over the region where the CT projects at the held poses, not at its
+    own: the whole-canvas score with the held pose's ROI, and the region is computed once."""
+    from dataclasses import replace
+
+    problem = two_views
+    noise = torch.Generator().manual_seed(0)  # structure everywhere, so that the region matters
+    problem.views = [replace(v, image=v.image + 0.05 * torch.randn(v.image.shape, generator=noise)) for v in problem.views]
+    base = problem.initial_pose[None]
+    moved = perturb_pose(problem.initial_pose, problem.isocenter, [2.0, 1.0, 0.0], [3.0, 2.0, -4.0])[None]
+    level = Level(96, 0, 0.0)
+    name = "gradient_ncc"
+    with torch.no_grad():
+        held, _ = problem.similarity(moved, level, name, as_asked=True, region_poses=base)
+        own, _ = problem.similarity(moved, level, name, as_asked=True)
+        sim, total = get_similarity(name), 0.0
+        for v in range(len(problem.views)):
+            detector = problem.level_camera(v, level)
+            region = problem.roi(problem.render(base, v, level, detector), None, detector.width)
+            fixed, usable = problem.fixed(v, detector)
+            compared = region if usable is None else region * usable
+            total = total + sim(fixed, problem.render(moved, v, level, detector), compared)
+    assert float(held) == pytest.approx(float(total / 2), abs=1e-5)
+    assert abs(float(held) - float(own)) > 0.01 * abs(float(own))  # the region matters: not the pose's own
+    kept = dict(problem._held_regions)
+    with torch.no_grad():
+        problem.similarity(moved, level, name, as_asked=True, region_poses=base)
+    assert all(problem._held_regions[k][1] is kept[k][1] for k in kept)  # cached, not re-rendered
+
+
+def test_a_level_holds_its_region_only_over_a_wide_margin(two_views):
+    from dataclasses import replace
+
+    from CorrRegLib.register.problem import MIN_HELD_MARGIN_PX
+
+    problem = two_views
+    problem.options = replace(problem.options, hold_region=True)
+    wide, narrow = Level(96, 0, 0.0), Level(16, 0, 0.0)
+    assert problem.roi_margin_px(problem.level_camera(0, wide).width) >= MIN_HELD_MARGIN_PX
+    assert problem.holds_region(wide) and not problem.holds_region(narrow)
+    problem.options = replace(problem.options, hold_region=False)
+    assert not problem.holds_region(wide)
+
+
+def test_the_refiner_reframes_a_pose_that_moved_a_margin_away(two_views):
+    from dataclasses import replace
+
+    from CorrRegLib.register.refine import LevelRefiner
+
+    problem = two_views
+    problem.options = replace(problem.options, hold_region=True, region_refresh=0.5)
+    level = Level(96, 0, 0.3)
+    ref = problem.initial_pose
+    refiner = LevelRefiner(problem, torch.stack([ref, ref]), level)
+    held = refiner.region_poses
+    assert held is not None and torch.equal(held, refiner.base)
+    margin_px = problem.roi_margin_px(problem.level_camera(0, level).width)
+    px_mm = problem.level_camera(0, level).width / 192  # the level's pixels per full-size pixel (1 mm at sdd)
+    magnification = 1000.0 / 700.0
+    small = 0.2 * margin_px / (px_mm * magnification)  # mm at the isocenter: a fifth of a margin
+    large = 2.0 * margin_px / (px_mm * magnification)  # two margins
+    with torch.no_grad():
+        refiner.params[0, 3] = small
+        refiner.params[1, 3] = large
+    poses = refiner.poses().detach()
+    drift = problem.region_drift(poses, held, level)
+    assert 0.1 < float(drift[0]) < 0.4 and float(drift[1]) > 1.5
+    refiner._move_region(poses)
+    assert torch.equal(refiner.region_poses[0], held[0])  # still framed where it started
+    assert torch.allclose(refiner.region_poses[1], poses[1])  # re-framed where it is now
+    assert refiner.region_poses is not held  # a new tensor: the problem's cached region is renewed
