@@ -156,6 +156,8 @@ class CorrRegParameterNode:
     translationOffsetZ: Annotated[float, WithinRange(-300.0, 300.0)] = 0.0
     # registration
     method: RegistrationMethod = RegistrationMethod.Auto
+    # Intensity only: more starts around the user's, and a flag when most end elsewhere
+    localStarts: Annotated[int, WithinRange(0, 64)] = 0
     modelPath: str = ""
     device: ComputeDevice = ComputeDevice.Auto
     trainingSteps: Annotated[int, WithinRange(10, 100000)] = 600
@@ -334,6 +336,8 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not running and not training
         self.ui.trainButton.text = _("Cancel training") if training else _("Train a model for this CT")
         self.ui.trainButton.enabled = training or (ready and not running)
+        self.ui.localStartsSpinBox.enabled = bool(p and p.method == RegistrationMethod.Intensity) \
+            and not running and not training
         self.ui.initialTransformSelector.enabled = bool(p and p.initialPoseMode == InitialPoseMode.Transform)
         carm = bool(p and p.initialPoseMode == InitialPoseMode.CArmAngles)
         self.ui.primaryAngleSpinBox.enabled = carm
@@ -483,7 +487,9 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.ctVolume, p.xrayVolume, p.outputTransform, method=p.method.value, camera=camera,
                 device=p.device.value, modelPath=p.modelPath or None, drrNode=p.drrVolume,
                 sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(), opacity=p.opacity,
-                invertXray=p.invertXray, background=True, **self._poseArguments())
+                invertXray=p.invertXray, background=True,
+                localStarts=p.localStarts if p.method == RegistrationMethod.Intensity else 0,
+                **self._poseArguments())
         except Exception as e:
             slicer.util.errorDisplay(_("Failed to start the registration: ") + str(e))
             self._updateButtons()

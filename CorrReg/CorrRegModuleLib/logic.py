@@ -133,7 +133,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
               principalPoint=None, device="auto", modelPath=None, drrNode=None, createDRR=True,
               sliceCompositeNode=None, sliceNode=None, showInSliceView=True, opacity=0.5,
               invertXray=False, iterationsPerStep=2, drrUpdateInterval=0.5, progressCallback=None,
-              options=None, background=False) -> RegistrationRun:
+              options=None, background=False, localStarts=0) -> RegistrationRun:
         """Validate the inputs, then run the set-up (CT conversion, initial pose, session) and set
         up the scene; returns the run.
 
@@ -144,7 +144,9 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
 
         ``initialPose`` (camera_from_ct, 4x4) wins over ``initialTransformNode``, which wins over
         ``initialPoseMode`` ("ap" default, "carm" with ``primaryAngle``/``secondaryAngle``).
-        Nothing in the scene changes if this raises.
+        ``localStarts`` (method "intensity"): also refine that many starts around the initial pose
+        and flag the result when most end elsewhere (RegistrationOptions.local_starts; 8 for real
+        X-rays). Nothing in the scene changes if this raises.
         """
         previous = self.currentRun
         if previous is not None and not previous.finished and not previous.stopped:
@@ -152,8 +154,14 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         method = str(method).lower().replace("-", "")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        localStarts = self._checkLocalStarts(localStarts, method)
         # 1. the quick checks, with the scene untouched
         self.requireDependencies()
+        if localStarts:
+            from dataclasses import replace
+
+            from CorrRegLib.register import RegistrationOptions
+            options = replace(options or RegistrationOptions(), local_starts=localStarts)
         self._checkInputs(ctNode, xrayNode)
         cam = self.cameraForNode(xrayNode, camera, sdd, pixelSpacing, principalPoint)
         if initialTransformNode is not None:
@@ -196,6 +204,16 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
             previous.abandon() if not previous.finished else previous.release()
         self.currentRun = run
         return run
+
+    @staticmethod
+    def _checkLocalStarts(localStarts, method: str) -> int:
+        """``localStarts`` as a count, refused with a message for a method that does not take it."""
+        if isinstance(localStarts, bool) or not float(localStarts).is_integer() or localStarts < 0:
+            raise ValueError(f"local starts must be a whole number, 0 or more; got {localStarts!r}")
+        if localStarts and method != "intensity":
+            raise ValueError(f"local starts refine starts around the initial pose with the Intensity method, not "
+                             f"'{method}': choose Intensity, or set local starts to 0")
+        return int(localStarts)
 
     @staticmethod
     def ctData(ctNode) -> CTData:

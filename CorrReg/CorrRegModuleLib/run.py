@@ -225,6 +225,10 @@ class RegistrationRun:
         word = "Cancelled" if getattr(r, "cancelled", False) else "Done"
         text = (f"{word} ({self.options.method}): stage {r.stage}, {r.iterations} iterations in "
                 f"{r.runtime_s:.1f} s, final loss {r.loss:.4f}")
+        evidence = r.evidence or {}
+        if evidence.get("local_starts"):
+            n = int(evidence["local_starts"])
+            text += f"; {round(evidence['agreement'] * n)} of {n} local starts ended here"
         if r.flagged:
             text += f". Check the result: {r.message}"
         return text

@@ -212,6 +212,26 @@ def test_register_with_a_callback_that_cancels(case):
     np.testing.assert_allclose(A.poseArrayFromTransformNode(out), result.pose.numpy(), atol=1e-12)
 
 
+def test_local_starts_run_and_report_how_many_agree(case):
+    """The GUI's Local starts box: the start and N others are refined, and the result says how many
+    of them ended at it (what flags a result that depends on the start on real X-rays)."""
+    scene = case["scene"]
+    out = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "pose")
+    logic = CorrRegLogicCore(scene)
+    result = logic.register(case["ct"], case["xray"], out, method="intensity", options=OPTIONS, localStarts=2, **OFFSETS)
+    assert result.evidence["local_starts"] == 3
+    assert 0.0 < result.evidence["agreement"] <= 1.0
+    agreed = round(result.evidence["agreement"] * 3)
+    assert f"{agreed} of 3 local starts ended here" in logic.currentRun.summary()
+    assert out.GetMatrixTransformToParent() is not None and not np.allclose(A.poseArrayFromTransformNode(out), np.eye(4))
+
+
+def test_refuses_local_starts_for_other_methods_and_bad_counts(case):
+    _assert_refused(case, "with the Intensity method, not 'auto'", method="auto", localStarts=4)
+    _assert_refused(case, "whole number", localStarts=-1)
+    _assert_refused(case, "whole number", localStarts=2.5)
+
+
 def test_preview_shows_a_pose_without_registering(case):
     scene, ct, xray = case["scene"], case["ct"], case["xray"]
     logic = CorrRegLogicCore(scene)
