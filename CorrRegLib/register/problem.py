@@ -304,16 +304,13 @@ class Problem:
         """(B,) how far the CT's occupied box (its 8 corners) has moved on the detectors between
         ``region_poses`` and ``ref_poses``, in ROI margins (the largest over corners and views):
         above about a half, a region held since ``region_poses`` no longer frames the DRR."""
-        with torch.no_grad():
-            corners = self.occupied_corners()
-            drift = torch.zeros(ref_poses.shape[0], dtype=torch.float64)
-            for v in range(len(self.views)):
-                cam = self.level_camera(v, level)
-                t = self.view_from_ref[v]
-                now = project_points(cam, t @ ref_poses.detach().cpu().double(), corners)
-                then = project_points(cam, t @ region_poses.detach().cpu().double(), corners)
-                moved = (now - then).norm(dim=-1).amax(-1) / self.roi_margin_px(cam.width)
-                drift = torch.maximum(drift, torch.nan_to_num(moved, nan=float("inf")))
+        drift = torch.zeros(ref_poses.shape[0], dtype=torch.float64)
+        for v in range(len(self.views)):
+            cam = self.level_camera(v, level)
+            now, _ = self.projected_corners(ref_poses, v, cam)
+            then, _ = self.projected_corners(region_poses, v, cam)
+            moved = (now - then).norm(dim=-1).amax(-1) / self.roi_margin_px(cam.width)
+            drift = torch.maximum(drift, torch.nan_to_num(moved, nan=float("inf")))
         return drift
 
     def held_region(self, region_poses: Tensor, view: int, level: Level, camera: Camera, width: int) -> Tensor:
@@ -346,6 +343,15 @@ class Problem:
                                 for c in (lo[2] - f, hi[2] + f)], dtype=torch.float64)
         return (corners @ self.volume.lps_from_index().T)[:, :3]
 
+    def projected_corners(self, ref_poses: Tensor, view: int, camera: Camera,
+                          volume_factor: int = 1) -> tuple[Tensor, Tensor]:
+        """((B, 8, 2) pixels on ``camera``, (B, 8) depths in mm) of the occupied box's corners
+        (occupied_corners at ``volume_factor``) for (B, 4, 4) reference poses, in ``view``."""
+        with torch.no_grad():
+            poses = self.view_from_ref[view] @ ref_poses.detach().cpu().double().reshape(-1, 4, 4)
+            corners = self.occupied_corners(volume_factor)
+            return project_points(camera, poses, corners), transform_points(poses, corners)[..., 2]
+
     def window(self, ref_poses: Tensor, view: int, camera: Camera, margin_px: int,
                volume_factor: int = 1) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1): the part of ``camera``'s pixels that a similarity of these (B, 4, 4)
@@ -355,11 +361,7 @@ class Problem:
         and gradients as the whole canvas at a fraction of the cost (the wrist's radius covers a
         tenth of its 1760 px image). The window is kept while the poses stay inside it and moved,
         with WINDOW_SLACK to spare, when not."""
-        with torch.no_grad():
-            poses = self.view_from_ref[view] @ ref_poses.detach().cpu().double().reshape(-1, 4, 4)
-            corners = self.occupied_corners(volume_factor)
-            depth = transform_points(poses, corners)[..., 2]  # (B, 8)
-            uv = project_points(camera, poses, corners)  # (B, 8, 2)
+        uv, depth = self.projected_corners(ref_poses, view, camera, volume_factor)
         w, h = camera.width, camera.height
         if bool((depth <= 1e-6).any()) or not bool(torch.isfinite(uv).all()):
             return 0, 0, w, h  # part of the CT behind the source: no bound
@@ -400,11 +402,12 @@ class Problem:
         # (rendered on the canvas) or the usable field
         counts_unseen = chosen in COUNTS_UNSEEN
         total, shows = 0.0, None
+        # the window must hold the held region's poses as well as the scored ones
+        framed = ref_poses if region_poses is None else torch.cat([ref_poses.detach(), region_poses.to(ref_poses)])
         for v in range(len(self.views)):
             detector = self.level_camera(v, level)
             canvas, pad = self.canvas(v, level) if counts_unseen else (detector, 0)
             margin = self.roi_margin_px(detector.width)
-            framed = ref_poses if region_poses is None else torch.cat([ref_poses.detach(), region_poses.to(ref_poses)])
             x0, y0, x1, y1 = (self.window(framed, v, canvas, margin, self.volume_factor(v, level)) if windowed
                               else (0, 0, canvas.width, canvas.height))
             camera = window_camera(canvas, (x0, y0, x1, y1))

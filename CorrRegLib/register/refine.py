@@ -106,7 +106,6 @@ class LevelRefiner:
             opt.step()
             sched.step(float((loss * active).sum()))
 
-
     def _move_region(self, poses: Tensor) -> None:
         """Re-frame the held region on the poses that have moved more than ``region_refresh``
         ROI margins from where it was framed (a new tensor, so the problem's cache renews it)."""
