@@ -21,6 +21,7 @@ from typing import Iterator
 
 from .network import NetworkDescent
 from .options import RegistrationOptions
+from .polish import Polish
 from .refine import GradientRefinement
 from .search import CandidateRefinement, CmaesSearch, GridSearch, LocalStarts, TakeCandidate
 from .state import RunState
@@ -41,6 +42,18 @@ class Attempt:
         return getattr(first, "available", lambda _: True)(state)
 
 
+def finishing(o: RegistrationOptions, levels) -> list:
+    """The gradient refinement through ``levels``, then the polish at each of
+    ``o.polish_detector_px`` (which runs only for a CT that holds only bone, polish.Polish);
+    nothing without levels."""
+    if not levels:
+        return []
+    finest = max(levels, key=lambda lv: lv.detector_px)
+    widths = o.polish_detector_px or (finest.detector_px,)
+    polish = [Polish(finest, px, widths[k - 1] if k else None) for k, px in enumerate(widths)]
+    return [GradientRefinement(levels)] + polish
+
+
 def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search, first_label: str,
                        rank_similarity: str | None = None) -> list[Attempt]:
     """``search`` (a stage that leaves candidates), their refinement together at the candidate
@@ -51,9 +64,9 @@ def candidate_attempts(o: RegistrationOptions, verifier: Verifier | None, search
     # ranking needs only the verification's scores, not its bar
     stages = [search, CandidateRefinement(o.candidate_levels, verifier or Verifier(o.verify_level, None),
                                              rank_similarity)]
-    out = [Attempt(first_label, stages + [TakeCandidate(0)] + ([GradientRefinement(fine)] if fine else []))]
+    out = [Attempt(first_label, stages + [TakeCandidate(0)] + finishing(o, fine))]
     for k in range(1, max(1, o.max_attempts)):
-        out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + ([GradientRefinement(fine)] if fine else [])))
+        out.append(Attempt(f"candidate {k + 1}", [TakeCandidate(k)] + finishing(o, fine)))
     return out
 
 
@@ -72,7 +85,7 @@ def local_start_attempts(o: RegistrationOptions, verifier: Verifier) -> list[Att
 
 def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, network=None) -> list[Attempt]:
     """The attempts of ``method`` ("auto" already resolved to "hybrid" or "search")."""
-    refine = [GradientRefinement(o.levels)] if o.refine else []
+    refine = finishing(o, o.levels) if o.refine else []
     if o.local_starts < 0:
         raise ValueError(f"local_starts (--local-starts) must be 0 or more, got {o.local_starts}")
     if o.local_starts and method != "intensity":

@@ -9,6 +9,8 @@ on image gradients (holds_only_bone).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 
 import torch
@@ -161,6 +163,7 @@ class Problem:
         self._cut_pyramid: dict[int, Volume] = {} if self.cut is None else {1: self.cut}
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
         self._occupied = occupied_box(volume.data.detach(), AIR_THRESHOLD)
+        self._radius: float | None = None  # steady_downsample's
         self._windows: dict[tuple, tuple[int, int, int, int]] = {}
         self._held_regions: dict[tuple, tuple[Tensor, Tensor]] = {}
 
@@ -200,7 +203,25 @@ class Problem:
         ``level.detector_px`` of them (a CT filling the detector: the detector is that wide; one
         bone in a 1760 px image gets the same detail across the bone, not across the image)."""
         cam = self.views[view].camera
+        if level.downsample is not None:
+            return cam.downsample(max(1.0, float(level.downsample[view])))
         return cam.downsample(max(1.0, self.footprint_px(view) / max(1, level.detector_px)))
+
+    def steady_downsample(self, view: int, detector_px: int) -> float:
+        """A downsampling of ``view`` that gives about ``detector_px`` pixels across the CT and does
+        not depend on the initial pose's rotation: the CT seen as the sphere around the isocenter
+        through its farthest non-air voxel, at the initial depth, the factor rounded to a step of
+        2 ** (1 / 4). Runs from different starts then share one pixel grid (see polish.py)."""
+        cam = self.views[view].camera
+        if self._radius is None:
+            index = (self.volume.data > AIR_THRESHOLD).nonzero()
+            index = index[:: max(1, len(index) // 200_000)].double().flip(1)  # (k, j, i) -> (i, j, k)
+            lps = torch.cat([index, torch.ones(len(index), 1, dtype=torch.float64)], 1) @ self.volume.lps_from_index().T
+            self._radius = float((lps[:, :3] - self.isocenter).norm(dim=1).max()) if len(index) else 0.0
+        radius = self._radius
+        across = 2 * radius * cam.sdd / self._depth[view] / min(cam.pixel_spacing) * (1 + 2 * self.options.roi_margin)
+        factor = min(float(max(cam.size)), across) / max(1, detector_px)
+        return max(1.0, 2.0 ** (round(4 * math.log2(max(factor, 1e-9))) / 4))
 
     def volume_factor(self, view: int, level: Level) -> int:
         if level.volume_factor is not None:

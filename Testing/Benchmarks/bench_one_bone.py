@@ -11,7 +11,9 @@ phantom's landmarks), the depth error along the first view's ray, the consistenc
 the result was flagged; then the share within 2 mm (mPD for one view, whose depth is loose;
 mTRE for two) and how many misses went unflagged. ``--compare`` also runs with the intensity
 similarities forced (``bone_only=False``: the previous release's behaviour); ``--cut-at K`` crops
-the CT's box through a bone and compares leaving its cut end out (``exclude_cut_ends``) with not.
+the CT's box through a bone and compares leaving its cut end out (``exclude_cut_ends``) with not;
+``--compare-region`` a held compared region with one that follows the pose; ``--compare-polish``
+the bone-only polish (register/polish.py) with none.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> int:
                          "the top vertebra), and compare leaving its cut end out (exclude_cut_ends) with comparing it")
     ap.add_argument("--compare-region", action="store_true",
                     help="compare the compared region held through each level (hold_region) with one that follows the pose")
+    ap.add_argument("--compare-polish", action="store_true",
+                    help="compare no polish with the bone-only polish (bone_only_polish, L-BFGS on band-pass NCC)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the rows as JSON here")
     a = ap.parse_args()
@@ -65,14 +69,14 @@ def main() -> int:
     iso = bone.bone_center_lps()
     protocol = get_protocol("paper", detector_downsample=4)
     cam = protocol.camera
-    if a.compare and a.cut_at:
-        ap.error("--compare and --cut-at compare different things; give one")
-    if a.compare_region and (a.compare or a.cut_at):
-        ap.error("--compare-region compares one thing at a time; give it without --compare and --cut-at")
+    if sum(map(bool, (a.compare, a.cut_at, a.compare_region, a.compare_polish))) > 1:
+        ap.error("--compare, --cut-at, --compare-region and --compare-polish compare one thing each; give one")
     if a.cut_at:  # (tag, options that differ from the defaults)
         runs = [("cut_left_out", {"exclude_cut_ends": True}), ("cut_compared", {"exclude_cut_ends": False})]
     elif a.compare_region:
         runs = [("region_follows", {"hold_region": False}), ("region_held", {"hold_region": True})]
+    elif a.compare_polish:
+        runs = [("no_polish", {"bone_only_polish": None}), ("polished", {"bone_only_polish": "bandpass_ncc"})]
     else:
         runs = [("gradient", {})] + ([("intensity", {"bone_only": False})] if a.compare else [])
     rows = []

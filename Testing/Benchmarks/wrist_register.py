@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import roma
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -63,12 +64,21 @@ def starts(pose: torch.Tensor, centre: torch.Tensor, n: int, deg: float, mm: flo
 
 def spread(poses: list[torch.Tensor], points: torch.Tensor) -> tuple[float, float]:
     """(max over poses of the mean distance of ``points`` from their mean position (mm), max
-    rotation from the first pose's... mean (deg))."""
+    rotation from the first pose (deg))."""
     moved = torch.stack([transform_points(p, points) for p in poses])  # (P, N, 3)
     mean = moved.mean(0)
     dist = float((moved - mean).norm(dim=-1).mean(1).max())
     rot = max(float(geodesic_distance(poses[0], p)[0]) for p in poses)
     return dist, rot
+
+
+def rotation_from_mean(poses: list[torch.Tensor]) -> float:
+    """The largest rotation (deg) of any pose from their mean rotation (the rotation nearest the
+    mean of the matrices): how far each result is from the one pose they agree on."""
+    stack = torch.stack(poses)
+    mean = torch.eye(4, dtype=torch.float64)
+    mean[:3, :3] = roma.special_procrustes(stack[:, :3, :3].mean(0))
+    return max(float(geodesic_distance(mean, p)[0]) for p in stack)
 
 
 def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_views: int) -> dict:
@@ -79,8 +89,9 @@ def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_view
         d, r = spread(ok, points)
         summary.update(spread_mm=d, spread_deg=r, biplane_pose=ok[0].tolist())
     if rows:  # flagged or not: do the results depend on the start?
-        d, r = spread([torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows], points)
-        summary.update(spread_all_mm=d, spread_all_deg=r)
+        every = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows]
+        d, r = spread(every, points)
+        summary.update(spread_all_mm=d, spread_all_deg=r, rotation_from_mean_all_deg=rotation_from_mean(every))
     if single:
         summary["single_view"] = {
             f"view {vi + 1}": {stat: float(np.median([s[stat] for s in single if s["view"] == vi + 1]))
@@ -109,6 +120,8 @@ def main() -> int:
                     help="each registration also refines N starts around its own (RegistrationOptions.local_starts)")
     ap.add_argument("--region-follows-pose", action="store_true", help="frame the compared region at every pose "
                     "instead of holding it through each level (RegistrationOptions.hold_region=False, the release before)")
+    ap.add_argument("--polish", action="store_true",
+                    help="polish the result with L-BFGS on band-pass NCC at 128 and 256 px (RegistrationOptions.bone_only_polish)")
     ap.add_argument("--part", default="0/1", metavar="I/N",
                     help="run only the starts k with k %% N == I (one process per core), writing part-I.json")
     ap.add_argument("--join", action="store_true", help="join the part-*.json files in --out into summary.json")
@@ -129,7 +142,8 @@ def main() -> int:
         print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
         return 0
     part, n_parts = (int(x) for x in a.part.split("/"))
-    options = RegistrationOptions(local_starts=a.local_starts, hold_region=not a.region_follows_pose)
+    options = RegistrationOptions(local_starts=a.local_starts, hold_region=not a.region_follows_pose,
+                                  bone_only_polish="bandpass_ncc" if a.polish else None)
     if a.fine:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
                           verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))
