@@ -168,7 +168,13 @@ EDGES_ONLY = frozenset({"gradient_ncc", "multiscale_gradient_ncc", "ngf", "gradi
 
 #: Similarities that take ``region``: the moving image's structure counts there even where the
 #: fixed image is not seen (Problem renders them on a canvas beyond the detector).
-COUNTS_UNSEEN = frozenset({"ngf", "gradient_ncc+ngf"})
+COUNTS_UNSEEN = frozenset({"ngf", "gradient_ncc+ngf", "gradient_ncc+ngf+bandpass_ncc"})
+
+
+def edges_and_bandpass(fixed: Tensor, moving: Tensor, mask: Tensor | None = None, region: Tensor | None = None) -> Tensor:
+    """Mean of gradient NCC + NGF (edges, with ``region``) and band-pass NCC (where the mass lies):
+    the edges hold what they pin down, the band-pass term decides along what they leave flat."""
+    return 0.5 * (gradient_ncc_ngf(fixed, moving, mask, region) + bandpass_ncc(fixed, moving, mask))
 
 
 def multiscale(
@@ -192,6 +198,7 @@ SIMILARITIES: dict[str, Callable[..., Tensor]] = {
     "ngf": ngf,
     "gradient_ncc+ngf": gradient_ncc_ngf,
     "bandpass_ncc": bandpass_ncc,
+    "gradient_ncc+ngf+bandpass_ncc": edges_and_bandpass,
     "multiscale_ncc": lambda f, m, k=None: multiscale(ncc, f, m, k),
     "multiscale_gradient_ncc": lambda f, m, k=None: multiscale(gradient_ncc, f, m, k),
     # The default for intensity registration: global structure from NCC, edges from the

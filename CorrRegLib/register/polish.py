@@ -31,8 +31,8 @@ from .state import RegistrationCancelled, RunState
 Tensor = torch.Tensor
 
 #: The region a round holds is framed at its start pose, and where the optimum lies depends on it
-#: (on the wrist at 256 px, polishing the result again with the region framed there moved it by up
-#: to 1.6 deg). So the polish repeats, framing the region again at each round's result, until a
+#: (on the wrist, 256 px results polished again by a problem of their own, region and grid framed
+#: there, moved by up to 1.3 deg in roll). So the polish repeats, framing the region again at each round's result, until a
 #: round moves the pose by less than ROUND_TOLERANCE_MM (mm of arc or mm), at most POLISH_ROUNDS
 #: times: the result is then a pose that is optimal in its own region, whatever the path to it.
 POLISH_ROUNDS = 5
@@ -68,8 +68,8 @@ class Polish:
         return POLISH_ROUNDS * (1 + 2 * problem.options.polish_iterations) if self._applies(problem) else 0
 
     def polish_level(self, problem) -> Level:
-        """The level the polish scores: band-pass NCC on detectors whose pixel grid does not
-        depend on the start (Problem.steady_downsample). Rendered on the grid the start's
+        """The level the polish scores: ``options.bone_only_polish`` on detectors whose pixel grid
+        does not depend on the start (Problem.steady_downsample). Rendered on the grid the start's
         footprint gives, the optimum moved with it: ten wrist runs ended 4.1 - 6.0 deg apart in
         roll, polished again on one grid 5.3 - 5.5."""
         factors = tuple(problem.steady_downsample(v, self.level.detector_px) for v in range(len(problem.views)))

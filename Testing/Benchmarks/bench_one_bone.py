@@ -57,6 +57,7 @@ def main() -> int:
                     help="compare the compared region held through each level (hold_region) with one that follows the pose")
     ap.add_argument("--compare-polish", action="store_true",
                     help="compare no polish with the bone-only polish (bone_only_polish, L-BFGS on band-pass NCC)")
+    ap.add_argument("--polish-similarity", default="bandpass_ncc", help="the polish's similarity (--compare-polish)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the rows as JSON here")
     a = ap.parse_args()
@@ -76,7 +77,7 @@ def main() -> int:
     elif a.compare_region:
         runs = [("region_follows", {"hold_region": False}), ("region_held", {"hold_region": True})]
     elif a.compare_polish:
-        runs = [("no_polish", {"bone_only_polish": None}), ("polished", {"bone_only_polish": "bandpass_ncc"})]
+        runs = [("no_polish", {"bone_only_polish": None}), ("polished", {"bone_only_polish": a.polish_similarity})]
     else:
         runs = [("gradient", {})] + ([("intensity", {"bone_only": False})] if a.compare else [])
     rows = []

@@ -120,8 +120,9 @@ def main() -> int:
                     help="each registration also refines N starts around its own (RegistrationOptions.local_starts)")
     ap.add_argument("--region-follows-pose", action="store_true", help="frame the compared region at every pose "
                     "instead of holding it through each level (RegistrationOptions.hold_region=False, the release before)")
-    ap.add_argument("--polish", action="store_true",
-                    help="polish the result with L-BFGS on band-pass NCC at 128 and 256 px (RegistrationOptions.bone_only_polish)")
+    ap.add_argument("--polish", nargs="?", const="bandpass_ncc", default=None, metavar="SIMILARITY",
+                    help="polish the result with L-BFGS on SIMILARITY (default band-pass NCC) at 128 and 256 px "
+                         "(RegistrationOptions.bone_only_polish)")
     ap.add_argument("--part", default="0/1", metavar="I/N",
                     help="run only the starts k with k %% N == I (one process per core), writing part-I.json")
     ap.add_argument("--join", action="store_true", help="join the part-*.json files in --out into summary.json")
@@ -143,7 +144,7 @@ def main() -> int:
         return 0
     part, n_parts = (int(x) for x in a.part.split("/"))
     options = RegistrationOptions(local_starts=a.local_starts, hold_region=not a.region_follows_pose,
-                                  bone_only_polish="bandpass_ncc" if a.polish else None)
+                                  bone_only_polish=a.polish)
     if a.fine:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
                           verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))

@@ -125,3 +125,18 @@ def test_a_level_with_downsample_factors_uses_them():
     problem = session(torch.eye(4, dtype=torch.float64), pixel_mm=0.5, size=320).problem
     level = Level(64, 0, 0.0, downsample=(2.0, 4.0))
     assert problem.level_camera(0, level).width == 160 and problem.level_camera(1, level).width == 80
+
+
+def test_the_edges_and_bandpass_similarity_is_the_mean_of_its_parts():
+    from CorrRegLib.similarity import COUNTS_UNSEEN, bandpass_ncc, get_similarity, gradient_ncc_ngf
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(1, 1, 48, 48, generator=g)
+    moving = torch.roll(fixed, 2, dims=-1) + 0.1 * torch.rand(1, 1, 48, 48, generator=g)
+    mask = torch.zeros(1, 1, 48, 48)
+    mask[..., 8:40, 8:40] = 1.0
+    both = get_similarity("gradient_ncc+ngf+bandpass_ncc")(fixed, moving, mask, mask)
+    parts = 0.5 * (gradient_ncc_ngf(fixed, moving, mask, mask) + bandpass_ncc(fixed, moving, mask))
+    assert torch.allclose(both, parts)
+    assert "gradient_ncc+ngf+bandpass_ncc" in COUNTS_UNSEEN  # its NGF half takes the region
+    assert float(get_similarity("gradient_ncc+ngf+bandpass_ncc")(fixed, fixed, mask, mask)) > float(both) + 0.1

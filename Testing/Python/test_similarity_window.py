@@ -17,7 +17,7 @@ from CorrRegLib.volume import Volume
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIMILARITIES = ["ncc", "patch_ncc", "gradient_ncc", "gradient_ncc+ngf", "ngf", "bandpass_ncc",
-                "multiscale_gradient_ncc"]
+                "multiscale_gradient_ncc", "gradient_ncc+ngf+bandpass_ncc"]
 
 
 def bone(n: int = 24, length: int = 40) -> Volume:
