@@ -214,8 +214,11 @@ class Problem:
         2 ** (1 / 4). Runs from different starts then share one pixel grid (see polish.py)."""
         cam = self.views[view].camera
         if self._radius is None:
-            index = (self.volume.data > AIR_THRESHOLD).nonzero()
-            index = index[:: max(1, len(index) // 200_000)].double().flip(1)  # (k, j, i) -> (i, j, k)
+            # every s-th voxel along each axis, at most about 2 million looked at (a 512^3 CT's
+            # non-air voxels would take gigabytes); the radius is then short by under s voxels
+            s = max(1, math.ceil((self.volume.data.numel() / 2e6) ** (1 / 3)))
+            index = (self.volume.data[::s, ::s, ::s] > AIR_THRESHOLD).nonzero() * s
+            index = index.double().flip(1)  # (k, j, i) -> (i, j, k)
             lps = torch.cat([index, torch.ones(len(index), 1, dtype=torch.float64)], 1) @ self.volume.lps_from_index().T
             self._radius = float((lps[:, :3] - self.isocenter).norm(dim=1).max()) if len(index) else 0.0
         radius = self._radius
