@@ -32,9 +32,10 @@ Tensor = torch.Tensor
 
 #: The region a round holds is framed at its start pose, and where the optimum lies depends on it
 #: (on the wrist, 256 px results polished again by a problem of their own, region and grid framed
-#: there, moved by up to 1.3 deg in roll). So the polish repeats, framing the region again at each round's result, until a
-#: round moves the pose by less than ROUND_TOLERANCE_MM (mm of arc or mm), at most POLISH_ROUNDS
-#: times: the result is then a pose that is optimal in its own region, whatever the path to it.
+#: there, moved by up to 1.3 deg in roll). So the polish repeats, framing the region again at each
+#: round's result, until a round moves the pose by less than ROUND_TOLERANCE_MM (mm of arc or mm),
+#: at most POLISH_ROUNDS times: the result is then a pose that is optimal in its own region,
+#: whatever the path to it.
 POLISH_ROUNDS = 5
 ROUND_TOLERANCE_MM = 0.05
 
@@ -45,24 +46,22 @@ class Polish:
     ``options.bone_only_polish``; only for a CT that holds only bone (Problem.bone_only), and only
     when that option names a similarity. Skipped where ``previous_px`` (the polish before it) gives
     the same detectors, as on an X-ray too small for ``detector_px``. Records every pose it scores
-    (the line search's trials too; the state keeps the best plausible one) and yields before and
-    after each round's optimisation, which runs in one call of the optimiser."""
+    (the line search's trials too; the state keeps the best plausible one) and yields after each
+    round's optimisation, which runs in one call of the optimiser."""
 
     def __init__(self, finest: Level, detector_px: int | None = None, previous_px: int | None = None) -> None:
         self.level = replace(finest, detector_px=detector_px or finest.detector_px, max_iterations=0)
-        self.previous = None if previous_px is None else replace(finest, detector_px=previous_px)
+        self.previous_px = previous_px
         self.name = f"polish {self.level.detector_px} px"
 
     def _applies(self, problem) -> bool:
         o = problem.options
         if not (problem.bone_only and o.bone_only_polish is not None and o.polish_iterations > 0):
             return False
-        if self.previous is None:
-            return True
-        mine = self.polish_level(problem)
-        before = replace(mine, downsample=tuple(problem.steady_downsample(v, self.previous.detector_px)
-                                                for v in range(len(problem.views))))
-        return any(problem.level_camera(v, mine) != problem.level_camera(v, before) for v in range(len(problem.views)))
+        # the same downsampling factors give the same detectors (Problem.level_camera)
+        return self.previous_px is None or any(
+            problem.steady_downsample(v, self.level.detector_px) != problem.steady_downsample(v, self.previous_px)
+            for v in range(len(problem.views)))
 
     def planned(self, problem) -> int:
         return POLISH_ROUNDS * (1 + 2 * problem.options.polish_iterations) if self._applies(problem) else 0
@@ -103,21 +102,21 @@ class Polish:
             return 1.0 - score.sum(), poses, bool(shows[0])
 
         # L-BFGS's first step is the gradient scaled to an L1 norm of one when the gradient is
-        # larger than that: scale the loss so that it is, making the first step 1 mm (of arc or
-        # translation) in all, whatever the similarity's scale; later steps are scale-free.
-        loss, poses, _ = loss_at(params)
-        grad, = torch.autograd.grad(loss, params)
-        scale = 1.0 / max(float(grad.abs().sum()), 1e-12)
-        state.record(float(loss.detach()), poses[0].detach())
-        best = [float(loss.detach()), torch.zeros(6, dtype=torch.float64)]
-        yield
+        # larger than that: the loss is scaled so that it is (at the first evaluation, the round's
+        # start), making the first step 1 mm (of arc or translation) in all, whatever the
+        # similarity's scale; later steps are scale-free.
+        scale: list[float] = []
+        best = [math.inf, torch.zeros(6, dtype=torch.float64)]
 
         def closure() -> Tensor:
             if problem.should_stop():
                 raise RegistrationCancelled
             opt.zero_grad()
             loss, poses, shows = loss_at(params)
-            (loss * scale).backward()
+            if not scale:
+                grad, = torch.autograd.grad(loss, params, retain_graph=True)
+                scale.append(1.0 / max(float(grad.abs().sum()), 1e-12))
+            (loss * scale[0]).backward()
             value = float(loss.detach())
             if shows and math.isfinite(value):
                 state.record(value, poses[0].detach())  # kept only if plausible and best
@@ -126,7 +125,7 @@ class Polish:
             if not torch.isfinite(params.grad).all():  # a step the line search must refuse
                 params.grad.zero_()
                 return torch.tensor(math.inf, dtype=torch.float64)
-            return loss.detach() * scale
+            return loss.detach() * scale[0]
 
         opt.step(closure)
         yield

@@ -10,7 +10,6 @@ on image gradients (holds_only_bone).
 from __future__ import annotations
 
 import math
-
 from dataclasses import replace
 
 import torch
