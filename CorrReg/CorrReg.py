@@ -158,6 +158,9 @@ class CorrRegParameterNode:
     method: RegistrationMethod = RegistrationMethod.Auto
     # Intensity only: more starts around the user's, and a flag when most end elsewhere
     localStarts: Annotated[int, WithinRange(0, 64)] = 0
+    # a CT that holds only bone: L-BFGS on band-pass NCC after the refinement (off: biased by the
+    # bones the CT does not hold, docs/registration.md "Polish")
+    polishBone: bool = False
     modelPath: str = ""
     device: ComputeDevice = ComputeDevice.Auto
     trainingSteps: Annotated[int, WithinRange(10, 100000)] = 600
@@ -332,7 +335,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # mid-run, what the run uses stays as it started
         for widget in (self.ui.methodComboBox, self.ui.modelPathLineEdit, self.ui.modelBrowseButton,
                        self.ui.deviceComboBox, self.ui.outputTransformSelector, self.ui.drrSelector,
-                       self.ui.trainingStepsSpinBox):
+                       self.ui.trainingStepsSpinBox, self.ui.polishCheckBox):
             widget.enabled = not running and not training
         self.ui.trainButton.text = _("Cancel training") if training else _("Train a model for this CT")
         self.ui.trainButton.enabled = training or (ready and not running)
@@ -489,6 +492,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(), opacity=p.opacity,
                 invertXray=p.invertXray, background=True,
                 localStarts=p.localStarts if p.method == RegistrationMethod.Intensity else 0,
+                polish="bandpass_ncc" if p.polishBone else None,
                 **self._poseArguments())
         except Exception as e:
             slicer.util.errorDisplay(_("Failed to start the registration: ") + str(e))

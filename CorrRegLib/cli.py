@@ -158,7 +158,8 @@ def _options(args):
         kw["fallback_below"] = kw["bone_only_fallback_below"] = verify if verify > 0 else None
     # build_attempts refuses a negative count or another method than intensity
     return RegistrationOptions(seed=getattr(args, "seed", 0) or 0, local_starts=getattr(args, "local_starts", 0) or 0,
-                               exclude_cut_ends=bool(getattr(args, "exclude_cut_ends", False)), **kw)
+                               exclude_cut_ends=bool(getattr(args, "exclude_cut_ends", False)),
+                               bone_only_polish=getattr(args, "polish", None), **kw)
 
 
 def _run_with_progress(session, label: str, quiet: bool = False):

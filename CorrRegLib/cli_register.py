@@ -61,6 +61,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="where the CT's box cuts through bone (a segmented shaft that runs out of the scan), leave "
                         "the 5 mm of bone next to the cut out of the comparison: its DRR ends in an edge the X-ray "
                         "does not show (RegistrationOptions.exclude_cut_ends; off by default, docs/registration.md)")
+    p.add_argument("--polish", nargs="?", const="bandpass_ncc", metavar="SIMILARITY",
+                   help="for a CT that holds only bone (segmented, or --ct-label): after the refinement, run L-BFGS "
+                        "to convergence on SIMILARITY (default bandpass_ncc) at 128 and 256 px across the bone, "
+                        "which pins a roll that edges leave flat (the wrist's radius: 10 starts within 0.3 deg); "
+                        "off by default: an intensity similarity is pulled by the bones the CT does not hold "
+                        "(RegistrationOptions.bone_only_polish, docs/registration.md)")
     p.add_argument("--verify", type=finite_float, metavar="K",
                    help="consistency a result needs to count as registered (how the similarity falls around it "
                         "against the DRR's own decorrelation; registered poses score about 1): below it the next "
@@ -265,9 +271,11 @@ def _write_outputs(args, volume, views, init, init_source, session, result) -> d
     from .projector import Projector
 
     n = len(views)
-    extra = {"method": args.method, "pipeline": result.pipeline, "loss": result.loss, "flagged": result.flagged,
+    extra = {"method": args.method, "pipeline": result.pipeline, "loss": result.loss,
+             "flagged": result.flagged,
              "message": result.message, "iterations": result.iterations, "runtime_s": result.runtime_s,
-             "initial_pose_source": init_source, "verification": result.evidence}
+             "initial_pose_source": init_source, "verification": result.evidence,
+             "stages": list(dict.fromkeys(h["stage"] for h in result.history))}  # what ran, in order
     if n == 1:
         extra.update(views[0].report(result.pose))  # polarity, mask, calibration; world_from_ct if calibrated
         out = {"camera_from_ct": result.pose.tolist(), "output": str(args.output), **extra}

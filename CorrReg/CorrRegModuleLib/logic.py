@@ -133,7 +133,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
               principalPoint=None, device="auto", modelPath=None, drrNode=None, createDRR=True,
               sliceCompositeNode=None, sliceNode=None, showInSliceView=True, opacity=0.5,
               invertXray=False, iterationsPerStep=2, drrUpdateInterval=0.5, progressCallback=None,
-              options=None, background=False, localStarts=0) -> RegistrationRun:
+              options=None, background=False, localStarts=0, polish=None) -> RegistrationRun:
         """Validate the inputs, then run the set-up (CT conversion, initial pose, session) and set
         up the scene; returns the run.
 
@@ -146,7 +146,9 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         ``initialPoseMode`` ("ap" default, "carm" with ``primaryAngle``/``secondaryAngle``).
         ``localStarts`` (method "intensity"): also refine that many starts around the initial pose
         and flag the result when most end elsewhere (RegistrationOptions.local_starts; 8 for real
-        X-rays). Nothing in the scene changes if this raises.
+        X-rays). ``polish`` (a similarity's name, "bandpass_ncc" for the GUI's box; None: off): for a
+        CT that holds only bone, L-BFGS to convergence after the refinement
+        (RegistrationOptions.bone_only_polish). Nothing in the scene changes if this raises.
         """
         previous = self.currentRun
         if previous is not None and not previous.finished and not previous.stopped:
@@ -157,11 +159,17 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         localStarts = self._checkLocalStarts(localStarts, method)
         # 1. the quick checks, with the scene untouched
         self.requireDependencies()
-        if localStarts:
+        changes = {"local_starts": localStarts} if localStarts else {}
+        if polish is not None:
+            from CorrRegLib.similarity import get_similarity
+
+            get_similarity(polish)  # an unknown name is refused here, not after the refinement
+            changes["bone_only_polish"] = polish
+        if changes:
             from dataclasses import replace
 
             from CorrRegLib.register import RegistrationOptions
-            options = replace(options or RegistrationOptions(), local_starts=localStarts)
+            options = replace(options or RegistrationOptions(), **changes)
         self._checkInputs(ctNode, xrayNode)
         cam = self.cameraForNode(xrayNode, camera, sdd, pixelSpacing, principalPoint)
         if initialTransformNode is not None:

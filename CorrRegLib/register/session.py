@@ -16,6 +16,7 @@ import torch
 
 from ..device import pick_device
 from ..geometry import check_rigid
+from ..similarity import get_similarity
 from ..volume import Volume
 from .network import load_network
 from .options import RegistrationOptions
@@ -125,6 +126,8 @@ class RegistrationSession:
         if initial_pose is None:
             raise ValueError("register needs an initial pose (e.g. geometry.reference_ap_pose(iso, sod))")
         self.options = options or RegistrationOptions()
+        if self.options.bone_only_polish is not None:
+            get_similarity(self.options.bone_only_polish)  # an unknown name fails here, not after the refinement
         self.device = pick_device(device)
         self.views = views
         self.camera = views[0].camera
@@ -151,6 +154,9 @@ class RegistrationSession:
         self.pipeline = Pipeline(build_attempts(pipeline_name, o, self.verifier, network), self.verifier,
                                  o.min_agreement)
         self._run = RunState(ref_init, self.problem.bounds)
+        if o.bone_only_polish is not None and not self.problem.bone_only:
+            self._run.messages.append("no polish: it is for a CT that holds only bone (a segmented bone, or "
+                                      "--ct-label), and this CT holds more")
         self.problem.should_stop = lambda: self._run.cancelled
         self._planned = self.pipeline.planned_first(self.problem)
         self._done = False

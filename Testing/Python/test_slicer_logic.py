@@ -232,6 +232,17 @@ def test_refuses_local_starts_for_other_methods_and_bad_counts(case):
     _assert_refused(case, "whole number", localStarts=2.5)
 
 
+def test_the_polish_reaches_the_session_and_an_unknown_one_is_refused(case):
+    """The GUI's Polish box: the named similarity reaches the options (this whole-body CT is not
+    one bone, so the result says it was not polished); an unknown name is refused before anything
+    changes."""
+    logic = CorrRegLogicCore(case["scene"])
+    result = logic.register(case["ct"], case["xray"], None, method="intensity", options=OPTIONS,
+                            polish="bandpass_ncc", **OFFSETS)
+    assert "no polish" in result.message and not any(h["stage"].startswith("polish") for h in result.history)
+    _assert_refused(case, "unknown similarity 'sharpest'", polish="sharpest")
+
+
 def test_preview_shows_a_pose_without_registering(case):
     scene, ct, xray = case["scene"], case["ct"], case["xray"]
     logic = CorrRegLogicCore(scene)
