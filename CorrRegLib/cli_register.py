@@ -271,8 +271,7 @@ def _write_outputs(args, volume, views, init, init_source, session, result) -> d
     from .projector import Projector
 
     n = len(views)
-    extra = {"method": args.method, "pipeline": result.pipeline, "loss": result.loss,
-             "flagged": result.flagged,
+    extra = {"method": args.method, "pipeline": result.pipeline, "loss": result.loss, "flagged": result.flagged,
              "message": result.message, "iterations": result.iterations, "runtime_s": result.runtime_s,
              "initial_pose_source": init_source, "verification": result.evidence,
              "stages": list(dict.fromkeys(h["stage"] for h in result.history))}  # what ran, in order

@@ -161,10 +161,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         self.requireDependencies()
         changes = {"local_starts": localStarts} if localStarts else {}
         if polish is not None:
-            from CorrRegLib.similarity import get_similarity
-
-            get_similarity(polish)  # an unknown name is refused here, not after the refinement
-            changes["bone_only_polish"] = polish
+            changes["bone_only_polish"] = polish  # an unknown name is refused by RegistrationOptions
         if changes:
             from dataclasses import replace
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..similarity import get_similarity
+
 
 @dataclass(frozen=True)
 class Level:
@@ -173,3 +175,7 @@ class RegistrationOptions:
     verify_level: Level = Level(64, 0, 0.0, "ncc")
     max_attempts: int = 3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bone_only_polish is not None:  # an unknown name fails here, not after the refinement
+            get_similarity(self.bone_only_polish)

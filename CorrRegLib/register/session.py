@@ -16,7 +16,6 @@ import torch
 
 from ..device import pick_device
 from ..geometry import check_rigid
-from ..similarity import get_similarity
 from ..volume import Volume
 from .network import load_network
 from .options import RegistrationOptions
@@ -126,8 +125,6 @@ class RegistrationSession:
         if initial_pose is None:
             raise ValueError("register needs an initial pose (e.g. geometry.reference_ap_pose(iso, sod))")
         self.options = options or RegistrationOptions()
-        if self.options.bone_only_polish is not None:
-            get_similarity(self.options.bone_only_polish)  # an unknown name fails here, not after the refinement
         self.device = pick_device(device)
         self.views = views
         self.camera = views[0].camera
