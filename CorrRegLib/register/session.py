@@ -20,6 +20,7 @@ from ..volume import Volume
 from .network import load_network
 from .options import RegistrationOptions
 from .pipeline import Pipeline, build_attempts
+from .polish import ONE_VIEW
 from .problem import Problem
 from .state import RegistrationCancelled, RunState
 from .verify import Verifier
@@ -149,11 +150,13 @@ class RegistrationSession:
             bar = o.bone_only_fallback_below
         self.verifier = None if bar is None else Verifier(o.verify_level, bar)
         self.pipeline = Pipeline(build_attempts(pipeline_name, o, self.verifier, network), self.verifier,
-                                 o.min_agreement)
+                                 o.min_agreement, o.min_rank_margin)
         self._run = RunState(ref_init, self.problem.bounds)
         if o.bone_only_polish is not None and not self.problem.bone_only:
             self._run.messages.append("no polish: it is for a CT that holds only bone (a segmented bone, or "
                                       "--ct-label), and this CT holds more")
+        elif o.bone_only_polish is not None and len(views) < 2:
+            self._run.messages.append(ONE_VIEW)
         self.problem.should_stop = lambda: self._run.cancelled
         self._planned = self.pipeline.planned_first(self.problem)
         self._done = False

@@ -180,3 +180,16 @@ def test_a_ct_of_more_than_bone_is_not_polished_and_says_so():
     assert "no polish" in result.message and not any(h["stage"].startswith("polish") for h in result.history)
     with pytest.raises(ValueError, match="unknown similarity 'nope'"):
         session(torch.eye(4, dtype=torch.float64), bone_only_polish="nope")
+
+
+def test_one_view_is_not_polished_and_says_so():
+    """One view leaves the bone's depth and roll open, and the polish ran along them on the wrist:
+    asked for with one view, it does not run and the result says why; two views are polished."""
+    two = session(torch.eye(4, dtype=torch.float64), levels=(Level(16, 2, 6.0, "ncc"),), fallback_below=None)
+    assert Polish(two.problem.options.levels[-1]).planned(two.problem) > 0
+    one = RegistrationSession(two.volume, initial_pose=torch.eye(4, dtype=torch.float64), views=two.views[:1],
+                              method="intensity", isocenter=two.isocenter, options=two.options)
+    assert one.problem.bone_only and Polish(one.problem.options.levels[-1]).planned(one.problem) == 0
+    result = one.run()
+    assert "no polish: one view" in result.message and not any(h["stage"].startswith("polish") for h in result.history)
+    assert "no polish" not in two.run().message
