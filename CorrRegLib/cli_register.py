@@ -55,14 +55,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the CMA-ES search and of the local starts")
     p.add_argument("--local-starts", type=int, default=0, metavar="N",
                    help="--method intensity: also refine N starts around --init (10 deg / 10 mm away) together with "
-                        "it, keep the best, and flag the result when fewer than half of them end there (the result "
-                        "would depend on the start; real images, e.g. docs/real-data.md); default 0: --init alone")
+                        "it, keep the best basin they reach, and flag the result when another basin explains the images "
+                        "almost as well (the images do not decide between them; real images, e.g. docs/real-data.md); "
+                        "default 0: --init alone")
     p.add_argument("--exclude-cut-ends", action="store_true",
                    help="where the CT's box cuts through bone (a segmented shaft that runs out of the scan), leave "
                         "the 5 mm of bone next to the cut out of the comparison: its DRR ends in an edge the X-ray "
                         "does not show (RegistrationOptions.exclude_cut_ends; off by default, docs/registration.md)")
     p.add_argument("--polish", nargs="?", const="bandpass_ncc", metavar="SIMILARITY",
-                   help="for a CT that holds only bone (segmented, or --ct-label): after the refinement, run L-BFGS "
+                   help="for a CT that holds only bone (segmented, or --ct-label) in two or more views: after the "
+                        "refinement, run L-BFGS "
                         "to convergence on SIMILARITY (default bandpass_ncc) at 128 and 256 px across the bone, "
                         "which pins a roll that edges leave flat (the wrist's radius: 10 starts within 0.3 deg); "
                         "off by default: an intensity similarity is pulled by the bones the CT does not hold "

@@ -229,6 +229,9 @@ class RegistrationRun:
         if evidence.get("local_starts"):
             n = int(evidence["local_starts"])
             text += f"; {round(evidence['agreement'] * n)} of {n} local starts ended here"
+            if evidence.get("rank_margin") is not None:
+                text += (f", the next basin ({evidence['rival_mm']:.0f} mm away on the bone) leaves "
+                         f"{100 * evidence['rank_margin']:.0f} % more of the images unexplained")
         if r.flagged:
             text += f". Check the result: {r.message}"
         return text

@@ -86,7 +86,8 @@ class RegistrationOptions:
     # (problem.holds_only_bone); True / False force it.
     bone_only: bool | None = None
     bone_only_similarity: str = "gradient_ncc+ngf"
-    # Off by default. Given a similarity, a CT that holds only bone is polished after the finest
+    # Off by default. Given a similarity, a CT that holds only bone, seen in two or more views
+    # (one view is not: polish.ONE_VIEW), is polished after the finest
     # level (register/polish.py): L-BFGS to convergence on it (taken as named), the region held
     # and framed again until the pose stops moving, at each of ``polish_detector_px`` in turn
     # (pixels across the CT, as Level.detector_px, on a grid that does not depend on the start; a
@@ -124,13 +125,20 @@ class RegistrationOptions:
     # The initial pose and ``local_starts`` others around it (each turned by ``local_start_deg``
     # about a random axis through the isocenter and moved ``local_start_mm`` in a random direction)
     # are refined together at ``candidate_levels`` and ranked like the global search's candidates.
-    # ``agreement``, the share of them that end at the kept pose, is evidence the verification
-    # cannot give on a real image (the wrist's radius: wrong optima near the start pass it): under
-    # ``min_agreement`` the result depends on the start and is flagged.
+    # Their basins (search.BASIN_MM: the bone placed within 6 mm as the views see it,
+    # Problem.bone_shift) are ranked. The verification cannot tell right from wrong on a real image
+    # (the wrist's radius: wrong optima near the start pass it); the ranking's margin did: the
+    # result is flagged when the next basin leaves less than ``min_rank_margin`` more of the images
+    # unexplained (ranking loss 1 - score, relative). 0.03 is the median spread of the scores inside
+    # the radius's basin over the wrist's seed-0 runs: a rival that close is not told apart.
+    # ``agreement``, the share of the starts that end in the kept basin, is reported; under
+    # ``min_agreement`` (off: 0) it flags too, but it does not tell right from wrong: on the wrist
+    # right results had 1 to 9 of 9 starts, the wrong one 1 (docs/registration.md, "Local starts").
     local_starts: int = 0
     local_start_deg: float = 10.0
     local_start_mm: float = 10.0
-    min_agreement: float = 0.5
+    min_rank_margin: float = 0.03
+    min_agreement: float = 0.0
     # What the local starts' basins are ranked by for a CT that holds only bone (at ``verify_level``,
     # 64 px across the CT's footprint; as named, not replaced by ``bone_only_similarity``): band-
     # pass NCC (similarity.bandpass_ncc, 1-8 px there) sees where the bone's mass lies, which edges

@@ -121,10 +121,12 @@ def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, netw
 class Pipeline:
     """Runs attempts until one verifies (see the module docstring)."""
 
-    def __init__(self, attempts: list[Attempt], verifier: Verifier | None, min_agreement: float = 0.0) -> None:
+    def __init__(self, attempts: list[Attempt], verifier: Verifier | None, min_agreement: float = 0.0,
+                 min_rank_margin: float = 0.0) -> None:
         self.attempts = attempts
         self.verifier = verifier
         self.min_agreement = min_agreement
+        self.min_rank_margin = min_rank_margin
         self.done: list[tuple[Evidence, object, float, str, str]] = []  # (evidence, pose, loss, stage, label)
         self.current: Attempt | None = None
         self.concluded = False
@@ -152,11 +154,14 @@ class Pipeline:
         self.conclude(problem, state)
 
     def _evidence(self, problem, state: RunState):
-        """The verification of the attempt's pose, with the local starts' agreement on it."""
+        """The verification of the attempt's pose, with the local starts' agreement on it and by
+        how much its basin beat the next one."""
         ev = self.verifier.evidence(problem, state.best_pose)
         if state.local_starts and state.taken < len(state.agreement):
             ev.features["agreement"] = state.agreement[state.taken]
             ev.features["local_starts"] = state.local_starts
+            if state.taken < len(state.rank_margins):
+                ev.features["rank_margin"], ev.features["rival_mm"] = state.rank_margins[state.taken]
         return ev
 
     def conclude(self, problem, state: RunState) -> None:
@@ -175,7 +180,11 @@ class Pipeline:
         state.best_pose, state.best_loss, state.stage = pose.clone(), loss, stage
         state.evidence = ev
         tried = len(self.done)
-        agreement = ev.features.get("agreement")
+        agreement, margin = ev.features.get("agreement"), ev.features.get("rank_margin")
+        if margin is not None and margin < self.min_rank_margin:
+            state.flag(f"another pose, {ev.features['rival_mm']:.0f} mm away on the bone, explains the images almost "
+                       f"as well (it leaves {100 * margin:.1f} % more unexplained): the images do not decide between "
+                       "them; check the overlay, or start closer")
         if agreement is not None and agreement < self.min_agreement:
             state.flag(f"only {round(agreement * ev.features['local_starts'])} of {ev.features['local_starts']} local "
                        "starts reached this pose: the images leave several poses near the start that a local search "

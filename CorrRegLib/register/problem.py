@@ -163,10 +163,41 @@ class Problem:
         self._fixed: dict[tuple, tuple[Tensor, Tensor | None]] = {}
         self._occupied = occupied_box(volume.data.detach(), AIR_THRESHOLD)
         self._radius: float | None = None  # steady_downsample's
+        self._bone_points: Tensor | None = None
         self._windows: dict[tuple, tuple[int, int, int, int]] = {}
         self._held_regions: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     # ---- frames --------------------------------------------------------------------------------
+    def bone_points(self, count: int = 2000) -> Tensor:
+        """(N, 3) LPS mm: about ``count`` of the CT's bone voxels, evenly strided (its non-air
+        voxels where it holds no bone; the isocenter where it holds neither). How far they move
+        between two poses says how far apart the poses place the bone (a turn about a thin bone's
+        own axis moves it little, a slide along it a lot), as a target registration error would."""
+        if self._bone_points is None:
+            data = self.volume.data
+            index = torch.zeros(0, 3, dtype=torch.long)
+            for threshold in (BONE_MU_PER_MM, AIR_THRESHOLD):
+                s = max(1, math.ceil((data.numel() / 2e6) ** (1 / 3)))  # look at about 2 million voxels
+                index = (data[::s, ::s, ::s] > threshold).nonzero().cpu() * s
+                if len(index):
+                    break
+            if len(index):
+                index = index[:: max(1, len(index) // count)].double().flip(1)  # (k, j, i) -> (i, j, k)
+                lps = torch.cat([index, torch.ones(len(index), 1, dtype=torch.float64)], 1) @ self.volume.lps_from_index().T
+                self._bone_points = lps[:, :3].contiguous()
+            else:
+                self._bone_points = self.isocenter.reshape(1, 3).clone()
+        return self._bone_points
+
+    def bone_shift(self, p: Tensor, q: Tensor) -> float:
+        """How far apart two reference-view poses place the CT's bone as the views see it (mm): the
+        largest over views of the mean displacement of ``bone_points`` across that view's axis, in
+        its camera frame. Along a view's axis it sees a move only as magnification, so one view
+        leaves depth out (as mPD does) and views far apart measure all three directions."""
+        points = self.bone_points()
+        a, b = transform_points(p, points), transform_points(q, points)
+        return max(float((((t[:3, :3] @ (a - b).T).T)[:, :2]).norm(dim=1).mean()) for t in self.view_from_ref)
+
     def world_pose(self, ref_pose: Tensor) -> Tensor:
         """world_from_ct of a reference-view pose (the reference view's camera_from_ct for one view)."""
         return invert_pose(self.views[0].camera_from_world) @ ref_pose

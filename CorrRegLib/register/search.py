@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -177,15 +177,31 @@ def distinct(ranked: list[tuple[float, Tensor]], isocenter: Tensor, keep: int, m
     return kept
 
 
-#: Refined candidates closer than this (rotation, isocenter position) ended in one basin.
-BASIN_DEG, BASIN_MM = 4.0, 6.0
+#: Refined local starts that place the CT's bone within this distance of each other as the views
+#: see it (Problem.bone_shift, mm) ended in one basin. Measured on the bone, not as angles: on the
+#: wrist the starts that reached the radius lay within 4 mm of each other after the coarse levels
+#: though turned up to 23 deg about its shaft, which a thin bone barely shows (docs/registration.md).
+BASIN_MM = 6.0
+
+
+def basins(ranked: list[tuple[float, Tensor]], distance: Callable[[Tensor, Tensor], float],
+           tolerance_mm: float) -> list[tuple[float, Tensor]]:
+    """The best pose of each basin of a ranked list of (score, pose): every pose at least
+    ``tolerance_mm`` (``distance(p, q)``, e.g. Problem.bone_shift) from each earlier kept one
+    starts a basin."""
+    kept: list[tuple[float, Tensor]] = []
+    for s, p in ranked:
+        if all(distance(p, q) >= tolerance_mm for _, q in kept):
+            kept.append((s, p))
+    return kept
 
 
 class LocalStarts:
     """Candidates around the start: the start itself and ``count`` others, each turned by ``deg``
     about a random axis through the isocenter and moved ``mm`` in a random direction (reference
-    camera frame; seeded). CandidateRefinement then refines them together and measures how many
-    end in the same basin (RunState.agreement)."""
+    camera frame; seeded). CandidateRefinement then refines them together, measures how many end
+    in each basin (RunState.agreement) and by how much each basin beats the next
+    (RunState.rank_margins)."""
 
     name = "local starts"
 
@@ -236,11 +252,14 @@ class CandidateRefinement:
         scores = self.verifier.scores(problem, poses, self.rank_similarity if problem.bone_only else None)
         order = sorted(range(len(poses)), key=lambda i: -float(scores[i]))
         # candidates that converged into one basin are one candidate: later attempts try others
-        state.candidates = distinct([(float(scores[i]), poses[i]) for i in order], problem.isocenter, len(poses),
-                                    min_deg=BASIN_DEG, min_mm=BASIN_MM)
+        state.candidates = basins([(float(scores[i]), poses[i]) for i in order], problem.bone_shift, BASIN_MM)
         # the share of the refined poses that ended in each kept candidate's basin
-        state.agreement = [sum(_close(p, q, problem.isocenter, BASIN_DEG, BASIN_MM) for p in poses) / len(poses)
+        state.agreement = [sum(problem.bone_shift(p, q) < BASIN_MM for p in poses) / len(poses)
                            for _, q in state.candidates]
+        # how much more of the images the next basin leaves unexplained (ranking loss 1 - score,
+        # relative), and how far from this one it places the bone
+        state.rank_margins = [((1.0 - s2) / max(1.0 - s1, 1e-9) - 1.0, problem.bone_shift(p1, p2))
+                              for (s1, p1), (s2, p2) in zip(state.candidates, state.candidates[1:])]
 
 
 class TakeCandidate:

@@ -39,6 +39,9 @@ class RunState:
         self.candidates: list[tuple[float, Tensor]] = []
         #: per candidate: the share of the refined candidates that ended in its basin
         self.agreement: list[float] = []
+        #: per candidate but the last: (how much higher the next one's ranking loss is, relative;
+        #: how far apart the two place the bone, mm)
+        self.rank_margins: list[tuple[float, float]] = []
         #: how many local starts were refined (0: none ran) and which candidate the attempt took
         self.local_starts = 0
         self.taken = 0

@@ -110,7 +110,8 @@ def main() -> int:
                         "mpd": float(mpd(cam, cfw[0] @ pose, cfw[0] @ truth, ph.landmarks)), "depth_mm": float(depth),
                         "consistency": float(res.evidence["consistency"]) if res.evidence else float("nan"),
                         "flagged": bool(res.flagged), "seconds": res.runtime_s,
-                        "agreement": (res.evidence or {}).get("agreement")}
+                        "agreement": (res.evidence or {}).get("agreement"),
+                        "rank_margin": (res.evidence or {}).get("rank_margin")}
         rows.append(row)
         print(json.dumps(row), flush=True)
     metric = "mpd" if a.views == 1 else "mtre"

@@ -1,6 +1,7 @@
 """Local starts (RegistrationOptions.local_starts, ``--local-starts``): the start and others
-around it refined together; their agreement on the kept pose is evidence that the result does not
-depend on the start, and a result most of them miss is flagged."""
+around it refined together and their basins ranked; a result whose basin barely beats another
+(the images do not decide between them) is flagged, and the share of the starts that reached it
+is reported."""
 
 import json
 import math
@@ -10,14 +11,16 @@ import pytest
 import torch
 
 from CorrRegLib.cli import main as corrreg
-from CorrRegLib.geometry import c_arm_pose, geodesic_distance, transform_points
+from CorrRegLib.geometry import c_arm_pose, euler_to_rotation, geodesic_distance, rotation_about_point, transform_points
 from CorrRegLib.io import write_calibration, write_ct, write_world_pose_json, write_xray
 from CorrRegLib.phantom import small_phantom
 from CorrRegLib.protocols import get_protocol, perturb_pose
 from CorrRegLib.register import RegistrationOptions, View, register
 from CorrRegLib.register.problem import Problem
-from CorrRegLib.register.search import LocalStarts
+from CorrRegLib.register.pipeline import Attempt, Pipeline
+from CorrRegLib.register.search import BASIN_MM, CandidateRefinement, LocalStarts, TakeCandidate, basins
 from CorrRegLib.register.state import RunState
+from CorrRegLib.register.verify import Verifier
 from CorrRegLib.simulate import simulate_xray
 from CorrRegLib.volume import Volume
 
@@ -33,16 +36,16 @@ def two_views(volume, truth, iso, seed=0):
     return cam, cfw, [View(x, cam, c) for x, c in zip(xrays, cfw)]
 
 
-def tube(n: int = 48, spacing: float = 1.5) -> Volume:
-    """A bone tube along z (cortex 6-9 mm from its axis, marrow inside, air outside, 60 mm long):
-    its projections do not change when it turns about its own axis."""
+def tube(n: int = 48, spacing: float = 1.5, inner: float = 6.0, outer: float = 9.0) -> Volume:
+    """A bone tube along z (cortex ``inner``-``outer`` mm from its axis, marrow inside, air
+    outside, 60 mm long): its projections do not change when it turns about its own axis."""
     idx = (torch.arange(n, dtype=torch.float64) - (n - 1) / 2) * spacing
     z, y, x = torch.meshgrid(idx, idx, idx, indexing="ij")
     r = (x ** 2 + y ** 2).sqrt()
     hu = torch.full((n, n, n), -1000.0, dtype=torch.float64)
     inside = z.abs() < 30.0
-    hu[inside & (r < 6.0)] = 300.0
-    hu[inside & (r >= 6.0) & (r < 9.0)] = 1500.0
+    hu[inside & (r < inner)] = 300.0
+    hu[inside & (r >= inner) & (r < outer)] = 1500.0
     return Volume.from_hu(hu.float(), (spacing,) * 3, origin=(-(n - 1) / 2 * spacing,) * 3)
 
 
@@ -79,23 +82,85 @@ def test_local_starts_agree_where_the_images_decide_the_pose():
     moved = (transform_points(res.pose, ph.landmarks) - transform_points(truth, ph.landmarks)).norm(dim=1).mean()
     assert float(moved) < 1.5 and not res.flagged, (float(moved), res.message)
     assert res.evidence["local_starts"] == 9 and res.evidence["agreement"] >= 0.5, res.evidence
+    # where another basin was reached, it explains the images clearly worse
+    assert res.evidence.get("rank_margin", math.inf) >= RegistrationOptions().min_rank_margin, res.evidence
 
 
-def test_a_pose_the_images_leave_open_is_flagged_as_depending_on_the_start():
-    """A tube turned about its own axis projects the same: the starts keep the turns they were
-    given, few end at the kept pose, and the result says so, though it matches both X-rays."""
+class GivenStarts:
+    """A stage that leaves ``poses`` where LocalStarts leaves its starts (reference camera frame),
+    so that a test can choose the basins the refinement starts in."""
+
+    name = "given starts"
+
+    def __init__(self, poses):
+        self.poses = poses
+
+    def planned(self, problem):
+        return 0
+
+    def run(self, problem, state):
+        state.candidates = [(0.0, p) for p in self.poses]
+        state.local_starts = len(self.poses)
+        return iter(())
+
+
+def roll(pose, iso, deg):
+    """``pose`` turned by ``deg`` about the CT's z axis through ``iso`` (CT frame)."""
+    return pose @ rotation_about_point(euler_to_rotation(torch.tensor([0.0, 0.0, deg], dtype=torch.float64)), iso)
+
+
+def test_bone_shift_measures_poses_on_the_bone_as_the_views_see_it():
+    """Basins are told apart by how far the poses place the bone across each view's axis, not by
+    their angles: a thin tube turned 20 deg about its own axis moves its bone by at most 2 r sin(10
+    deg), the same tube slid 10 mm along its axis (across both views) by 10 mm. A slide along the
+    first view's axis is invisible to that view alone (as mPD), and sin(70 deg) of it to the second."""
     vol = tube()
     iso = vol.center_lps()
     truth = torch.eye(4, dtype=torch.float64)
-    _, _, views = two_views(vol, truth, iso)
-    o = RegistrationOptions(local_starts=8, local_start_deg=40.0, local_start_mm=3.0)
-    res = register(vol, initial_pose=truth, method="intensity", isocenter=iso, views=views, options=o)
-    assert res.flagged and res.evidence["agreement"] < 0.5, (res.evidence, res.message)
-    assert res.evidence["verified"], res.evidence  # the images are matched: verification alone passes it
-    assert "local starts reached this pose" in res.message and "depends on the start" in res.message
-    # the position along and across the tube is fixed by the images: only the turn about it is open
-    moved = transform_points(res.pose, iso.reshape(1, 3)) - transform_points(truth, iso.reshape(1, 3))
-    assert float(moved.norm()) < 1.5, float(moved.norm())
+    _, cfw, views = two_views(vol, truth, iso)
+    start = cfw[0] @ truth
+    both = Problem(vol, views, iso, start, torch.device("cpu"), RegistrationOptions())
+    one = Problem(vol, views[:1], iso, start, torch.device("cpu"), RegistrationOptions())
+    points = both.bone_points()
+    radius = (points[:, :2] - iso[:2]).norm(dim=1).mean()  # the tube's bone lies around z through iso
+    assert 6.0 < float(radius) < 9.0 and len(points) >= 1000
+    turned = both.bone_shift(start, cfw[0] @ roll(truth, iso, 20.0))
+    assert 0.5 * 2 * float(radius) * math.sin(math.radians(10.0)) < turned <= 2 * float(radius) * math.sin(math.radians(10.0))
+    slid = truth.clone()
+    slid[2, 3] = 10.0  # along the tube (world z), across both views
+    assert both.bone_shift(start, cfw[0] @ slid) == pytest.approx(10.0, rel=1e-9)
+    deeper = torch.eye(4, dtype=torch.float64)
+    deeper[2, 3] = 10.0  # along the first view's axis (its camera z)
+    assert one.bone_shift(start, deeper @ start) == pytest.approx(0.0, abs=1e-9)
+    assert both.bone_shift(start, deeper @ start) == pytest.approx(10.0 * math.sin(math.radians(70.0)), rel=1e-6)
+    ranked = [(0.9, start), (0.8, cfw[0] @ roll(truth, iso, 20.0)), (0.7, cfw[0] @ slid), (0.6, deeper @ start)]
+    assert [s for s, _ in basins(ranked, both.bone_shift, BASIN_MM)] == [0.9, 0.7, 0.6]
+    assert [s for s, _ in basins(ranked, one.bone_shift, BASIN_MM)] == [0.9, 0.7]
+
+
+def test_a_pose_the_images_do_not_decide_is_flagged():
+    """A wide tube turned 90 deg about its own axis projects the same: started there and at the
+    truth, the two refined basins place the bone 12 mm apart across the views and score alike, so
+    the kept one barely beats the other (rank_margin under min_rank_margin) and the result says
+    so, though it matches both X-rays. Asked for, min_agreement flags it too (each basin holds 1 of the 2)."""
+    vol = tube(inner=11.0, outer=15.0)
+    iso = vol.center_lps()
+    truth = torch.eye(4, dtype=torch.float64)
+    _, cfw, views = two_views(vol, truth, iso)
+    o = RegistrationOptions(min_agreement=0.6)
+    start = cfw[0] @ truth
+    problem = Problem(vol, views, iso, start, torch.device("cpu"), o)
+    verifier = Verifier(o.verify_level, o.bone_only_fallback_below)
+    stages = [GivenStarts([start, cfw[0] @ roll(truth, iso, 90.0)]),
+              CandidateRefinement(o.candidate_levels, verifier, o.local_start_ranking), TakeCandidate(0)]
+    state = RunState(start, problem.bounds)
+    list(Pipeline([Attempt("local starts", stages)], verifier, o.min_agreement, o.min_rank_margin)
+         .run(problem, state, lambda n: None))
+    ev = state.evidence.features
+    assert ev["rival_mm"] > 1.5 * BASIN_MM and ev["agreement"] == 0.5, ev
+    assert 0.0 <= ev["rank_margin"] < o.min_rank_margin, ev
+    assert state.flagged and "do not decide between them" in " ".join(state.messages), state.messages
+    assert "1 of 2 local starts reached this pose" in " ".join(state.messages), state.messages
 
 
 def test_local_starts_are_refused_where_they_do_not_apply():
@@ -150,7 +215,6 @@ def test_local_starts_are_ranked_by_the_asked_similarity_also_for_one_bone():
     verifier's NCC."""
     from CorrRegLib.register.options import Level
     from CorrRegLib.register.search import CandidateRefinement
-    from CorrRegLib.register.verify import Verifier
 
     ph = small_phantom(seed=0)
     iso = ph.volume.bone_center_lps()
