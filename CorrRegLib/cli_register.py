@@ -64,8 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "does not show (RegistrationOptions.exclude_cut_ends; off by default, docs/registration.md)")
     p.add_argument("--polish", nargs="?", const="bandpass_ncc", metavar="SIMILARITY",
                    help="for a CT that holds only bone (segmented, or --ct-label) in two or more views: after the "
-                        "refinement, run L-BFGS "
-                        "to convergence on SIMILARITY (default bandpass_ncc) at 128 and 256 px across the bone, "
+                        "refinement, run L-BFGS to convergence on SIMILARITY (default bandpass_ncc) at 128 and 256 px across the bone, "
                         "which pins a roll that edges leave flat (the wrist's radius: 10 starts within 0.3 deg); "
                         "off by default: an intensity similarity is pulled by the bones the CT does not hold "
                         "(RegistrationOptions.bone_only_polish, docs/registration.md)")

@@ -146,9 +146,10 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         ``initialPoseMode`` ("ap" default, "carm" with ``primaryAngle``/``secondaryAngle``).
         ``localStarts`` (method "intensity"): also refine that many starts around the initial pose
         and flag the result when another basin they reach explains the images almost as well
-        (RegistrationOptions.local_starts, min_rank_margin; 8 for real X-rays). ``polish`` (a similarity's name, "bandpass_ncc" for the GUI's box; None: off): for a
-        CT that holds only bone seen in two or more views, L-BFGS to convergence after the
-        refinement (RegistrationOptions.bone_only_polish). Nothing in the scene changes if this raises.
+        (RegistrationOptions.local_starts, min_rank_margin; 8 for real X-rays). ``polish`` (a
+        similarity's name, "bandpass_ncc" for the GUI's box; None: off): for a CT that holds only
+        bone seen in two or more views, L-BFGS to convergence after the refinement
+        (RegistrationOptions.bone_only_polish). Nothing in the scene changes if this raises.
         """
         previous = self.currentRun
         if previous is not None and not previous.finished and not previous.stopped:

@@ -50,8 +50,9 @@ class Polish:
     """L-BFGS (strong Wolfe line search) on one pose at ``finest`` (the refinement's finest level)
     rendered ``detector_px`` pixels across the CT (None: the level's own), scoring
     ``options.bone_only_polish``; only for a CT that holds only bone (Problem.bone_only), seen in
-    two or more views (ONE_VIEW), and only when that option names a similarity. Skipped where ``previous_px`` (the polish before it) gives
-    the same detectors, as on an X-ray too small for ``detector_px``. Records every pose it scores
+    two or more views (ONE_VIEW), and only when that option names a similarity. Skipped where
+    ``previous_px`` (the polish before it) gives the same detectors, as on an X-ray too small for
+    ``detector_px``. Records every pose it scores
     (the line search's trials too; the state keeps the best plausible one) and yields after each
     round's optimisation, which runs in one call of the optimiser."""
 

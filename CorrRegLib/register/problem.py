@@ -174,20 +174,21 @@ class Problem:
         between two poses says how far apart the poses place the bone (a turn about a thin bone's
         own axis moves it little, a slide along it a lot), as a target registration error would."""
         if self._bone_points is None:
-            data = self.volume.data
-            index = torch.zeros(0, 3, dtype=torch.long)
-            for threshold in (BONE_MU_PER_MM, AIR_THRESHOLD):
-                s = max(1, math.ceil((data.numel() / 2e6) ** (1 / 3)))  # look at about 2 million voxels
-                index = (data[::s, ::s, ::s] > threshold).nonzero().cpu() * s
-                if len(index):
-                    break
-            if len(index):
-                index = index[:: max(1, len(index) // count)].double().flip(1)  # (k, j, i) -> (i, j, k)
-                lps = torch.cat([index, torch.ones(len(index), 1, dtype=torch.float64)], 1) @ self.volume.lps_from_index().T
-                self._bone_points = lps[:, :3].contiguous()
-            else:
-                self._bone_points = self.isocenter.reshape(1, 3).clone()
+            lps = self._voxels_lps(BONE_MU_PER_MM)
+            if not len(lps):
+                lps = self._voxels_lps(AIR_THRESHOLD)
+            self._bone_points = (lps[:: max(1, len(lps) // count)].contiguous() if len(lps)
+                                 else self.isocenter.reshape(1, 3).clone())
         return self._bone_points
+
+    def _voxels_lps(self, threshold: float) -> Tensor:
+        """(N, 3) LPS mm of every s-th voxel along each axis denser than ``threshold``, s chosen so
+        that about 2 million voxels are looked at (a 512^3 CT's would take gigabytes); CPU, float64."""
+        data = self.volume.data
+        s = max(1, math.ceil((data.numel() / 2e6) ** (1 / 3)))
+        index = ((data[::s, ::s, ::s] > threshold).nonzero().cpu() * s).double().flip(1)  # (k, j, i) -> (i, j, k)
+        lps = torch.cat([index, torch.ones(len(index), 1, dtype=torch.float64)], 1) @ self.volume.lps_from_index().T
+        return lps[:, :3]
 
     def bone_shift(self, p: Tensor, q: Tensor) -> float:
         """How far apart two reference-view poses place the CT's bone as the views see it (mm): the
@@ -244,13 +245,8 @@ class Problem:
         2 ** (1 / 4). Runs from different starts then share one pixel grid (see polish.py)."""
         cam = self.views[view].camera
         if self._radius is None:
-            # every s-th voxel along each axis, at most about 2 million looked at (a 512^3 CT's
-            # non-air voxels would take gigabytes); the radius is then short by under s voxels
-            s = max(1, math.ceil((self.volume.data.numel() / 2e6) ** (1 / 3)))
-            index = (self.volume.data[::s, ::s, ::s] > AIR_THRESHOLD).nonzero() * s
-            index = index.double().flip(1)  # (k, j, i) -> (i, j, k)
-            lps = torch.cat([index, torch.ones(len(index), 1, dtype=torch.float64)], 1) @ self.volume.lps_from_index().T
-            self._radius = float((lps[:, :3] - self.isocenter).norm(dim=1).max()) if len(index) else 0.0
+            lps = self._voxels_lps(AIR_THRESHOLD)  # strided: the radius is short by under s voxels
+            self._radius = float((lps - self.isocenter).norm(dim=1).max()) if len(lps) else 0.0
         radius = self._radius
         across = 2 * radius * cam.sdd / self._depth[view] / min(cam.pixel_spacing) * (1 + 2 * self.options.roi_margin)
         factor = min(float(max(cam.size)), across) / max(1, detector_px)

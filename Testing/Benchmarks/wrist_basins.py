@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,13 +42,12 @@ from CorrRegLib.register.problem import Problem  # noqa: E402
 from CorrRegLib.register.search import BASIN_MM, basins  # noqa: E402
 
 
-def judge(poses: list[torch.Tensor], scores: list[float], problem: Problem, centre: torch.Tensor) -> dict:
-    """One run as the registration judges it (world_from_ct poses): the kept pose, its agreement,
-    margin and rival, the within-basin spread of the score, and the previous rule's agreement."""
+def judge(poses: list[torch.Tensor], scores: list[float], shift: Callable[[torch.Tensor, torch.Tensor], float],
+          centre: torch.Tensor) -> dict:
+    """One run as the registration judges it (world_from_ct poses, ``shift`` between two of them):
+    the kept pose, its agreement, margin and rival, the within-basin spread of the score, and the
+    previous rule's agreement."""
     ranked = sorted(zip(scores, poses), key=lambda t: -t[0])
-    def shift(p: torch.Tensor, q: torch.Tensor) -> float:
-        return problem.bone_shift(problem.ref_pose(p), problem.ref_pose(q))
-
     kept = basins(ranked, shift, BASIN_MM)
     (s0, p0) = kept[0]
     members = [s for s, p in ranked if shift(p, p0) < BASIN_MM]
@@ -93,7 +93,7 @@ def main() -> int:
         spreads = []
         for r in runs:
             poses = [torch.tensor(w, dtype=torch.float64) for w in r["world_from_ct"]]
-            j = judge(poses, r["scores"][a.similarity], problem, centre)
+            j = judge(poses, r["scores"][a.similarity], shift, centre)
             right = shift(j["kept"], reference) < a.within
             margin = j.get("rank_margin")
             flagged = margin is not None and margin < a.min_rank_margin
