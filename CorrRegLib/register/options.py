@@ -125,12 +125,14 @@ class RegistrationOptions:
     # The initial pose and ``local_starts`` others around it (each turned by ``local_start_deg``
     # about a random axis through the isocenter and moved ``local_start_mm`` in a random direction)
     # are refined together at ``candidate_levels`` and ranked like the global search's candidates.
-    # Their basins (search.BASIN_MM: the bone placed within 6 mm as the views see it,
-    # Problem.bone_shift) are ranked. The verification cannot tell right from wrong on a real image
-    # (the wrist's radius: wrong optima near the start pass it); the ranking's margin did: the
-    # result is flagged when the next basin leaves less than ``min_rank_margin`` more of the images
-    # unexplained (ranking loss 1 - score, relative). 0.03 is the median spread of the scores inside
-    # the radius's basin over the wrist's seed-0 runs: a rival that close is not told apart.
+    # Their basins (search.BASIN_MM: the bone placed within 6 mm, depth included,
+    # Problem.bone_move) are ranked. The verification cannot tell right from wrong on a real image
+    # (the wrist's radius: wrong optima near the start pass it); the ranking's margin did. Where
+    # the next basin leaves less than ``min_rank_margin`` more of the images unexplained (ranking
+    # loss 1 - score, relative), it is finished too (the runoff): back at the same pose, the doubt
+    # ends; still apart and still that close, the result is flagged, naming depth where that is
+    # what the two differ in. 0.03 is the median spread of the scores inside the radius's basin
+    # over the wrist's seed-0 runs: a rival that close is not told apart.
     # ``agreement``, the share of the starts that end in the kept basin, is reported; under
     # ``min_agreement`` (off: 0) it flags too, but it does not tell right from wrong: on the wrist
     # right results had 1 to 9 of 9 starts, the wrong one 1 (docs/registration.md, "Local starts").

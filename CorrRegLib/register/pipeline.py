@@ -19,11 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import torch
+
 from .network import NetworkDescent
 from .options import RegistrationOptions
 from .polish import Polish
 from .refine import GradientRefinement
-from .search import CandidateRefinement, CmaesSearch, GridSearch, LocalStarts, TakeCandidate
+from .search import BASIN_MM, CandidateRefinement, CmaesSearch, GridSearch, LocalStarts, TakeCandidate
 from .state import RunState
 from .verify import Evidence, Verifier
 
@@ -118,6 +120,21 @@ def build_attempts(method: str, o: RegistrationOptions, verifier: Verifier, netw
     raise ValueError(f"unknown pipeline {method!r}")
 
 
+def rival_message(features: dict, n_views: int) -> str:
+    """Why a result whose basin barely beats the next is flagged (Pipeline.conclude), naming what
+    the images leave open: where the rival lies mostly along the views' axes (one view), its depth."""
+    rival, across, margin = features["rival_mm"], features["rival_across_mm"], features["rank_margin"]
+    close = f"explains the images almost as well (it leaves {100 * margin:.1f} % more unexplained)"
+    if across < BASIN_MM:
+        view = "the view" if n_views == 1 else "the views"
+        return (f"another pose, {rival:.0f} mm away on the bone but {across:.0f} mm of it across {view} (the rest is "
+                f"depth, which {view} see{'s' if n_views == 1 else ''} only as magnification), {close}: the images "
+                "do not decide between them, and the overlay cannot show the difference; a second view 60-90 deg "
+                "from this one would")
+    return (f"another pose, {rival:.0f} mm away on the bone, {close}: the images do not decide between them; "
+            "check the overlay, or start closer")
+
+
 class Pipeline:
     """Runs attempts until one verifies (see the module docstring)."""
 
@@ -149,9 +166,18 @@ class Pipeline:
                 return
             ev = self._evidence(problem, state)
             self.done.append((ev, state.best_pose.clone(), state.best_loss, state.stage, attempt.label))
-            if ev.verified:
+            if ev.verified and not self._runoff_due(k, ev):
                 break
         self.conclude(problem, state)
+
+    def _runoff_due(self, k: int, ev: Evidence) -> bool:
+        """Whether the first attempt's basin beat the next by under ``min_rank_margin`` at the
+        coarse levels, so the next candidate is finished too and the two finished poses decide
+        (conclude): a rival that coarse levels leave apart may come back to the same pose (on the
+        phantom's one view, a rival 7-10 mm deeper), or stay apart and explain the images as well."""
+        margin = ev.features.get("rank_margin")
+        return (k == 0 and margin is not None and margin < self.min_rank_margin and len(self.attempts) > 1
+                and isinstance(self.attempts[1].stages[0], TakeCandidate))
 
     def _evidence(self, problem, state: RunState):
         """The verification of the attempt's pose, with the local starts' agreement on it and by
@@ -161,8 +187,32 @@ class Pipeline:
             ev.features["agreement"] = state.agreement[state.taken]
             ev.features["local_starts"] = state.local_starts
             if state.taken < len(state.rank_margins):
-                ev.features["rank_margin"], ev.features["rival_mm"] = state.rank_margins[state.taken]
+                margin, rival, across = state.rank_margins[state.taken]
+                ev.features.update(rank_margin=margin, rival_mm=rival, rival_across_mm=across)
         return ev
+
+    def _runoff(self, problem, state: RunState):
+        """The first two candidates, both finished: the same pose (within BASIN_MM on the bone) ends
+        the doubt; apart, the better by the ranking score is kept (the verified one where only one
+        is), its margin over the other measured again on the finished poses."""
+        first, second = self.done[0], self.done[1]
+        apart = problem.bone_move(first[1], second[1])
+        if apart < BASIN_MM:
+            state.messages.append(f"the next basin, finished too, came back to this pose ({apart:.1f} mm on the bone)")
+            for entry in (first, second):
+                for key in ("rank_margin", "rival_mm", "rival_across_mm"):
+                    entry[0].features.pop(key, None)
+            return max((first, second), key=lambda t: t[0].score)
+        s1, s2 = (float(x) for x in state.ranking(torch.stack([first[1], second[1]])))
+        if first[0].verified != second[0].verified:
+            win, lose, sw, sl = (first, second, s1, s2) if first[0].verified else (second, first, s2, s1)
+        else:
+            win, lose, sw, sl = (first, second, s1, s2) if s1 >= s2 else (second, first, s2, s1)
+        win[0].features.update(rank_margin=(1.0 - sl) / max(1.0 - sw, 1e-9) - 1.0, rival_mm=apart,
+                               rival_across_mm=problem.bone_shift(win[1], lose[1]))
+        state.messages.append(f"the next basin, finished too, stays {apart:.0f} mm away on the bone; kept "
+                              f"'{win[4]}'")
+        return win
 
     def conclude(self, problem, state: RunState) -> None:
         """Keep the best attempt (including one cut short by a cancel); say what was checked."""
@@ -176,15 +226,16 @@ class Pipeline:
         if not self.done:
             return
         best = max(self.done, key=lambda t: t[0].score)
+        if (len(self.done) > 1 and best in self.done[:2] and self._runoff_due(0, self.done[0][0])
+                and not problem.should_stop()):
+            best = self._runoff(problem, state)
         ev, pose, loss, stage, label = best
         state.best_pose, state.best_loss, state.stage = pose.clone(), loss, stage
         state.evidence = ev
         tried = len(self.done)
         agreement, margin = ev.features.get("agreement"), ev.features.get("rank_margin")
         if margin is not None and margin < self.min_rank_margin:
-            state.flag(f"another pose, {ev.features['rival_mm']:.0f} mm away on the bone, explains the images almost "
-                       f"as well (it leaves {100 * margin:.1f} % more unexplained): the images do not decide between "
-                       "them; check the overlay, or start closer")
+            state.flag(rival_message(ev.features, len(problem.views)))
         if agreement is not None and agreement < self.min_agreement:
             state.flag(f"only {round(agreement * ev.features['local_starts'])} of {ev.features['local_starts']} local "
                        "starts reached this pose: the images leave several poses near the start that a local search "

@@ -199,6 +199,14 @@ class Problem:
         a, b = transform_points(p, points), transform_points(q, points)
         return max(float((((t[:3, :3] @ (a - b).T).T)[:, :2]).norm(dim=1).mean()) for t in self.view_from_ref)
 
+    def bone_move(self, p: Tensor, q: Tensor) -> float:
+        """How far apart two reference-view poses place the CT's bone (mm): the mean 3D displacement
+        of ``bone_points``, depth included. Views far apart see it all (bone_move ~ bone_shift);
+        one view sees the part along its axis only as magnification, so poses that differ there
+        explain its image alike and the view does not decide between them (search.basins)."""
+        points = self.bone_points()
+        return float((transform_points(p, points) - transform_points(q, points)).norm(dim=1).mean())
+
     def world_pose(self, ref_pose: Tensor) -> Tensor:
         """world_from_ct of a reference-view pose (the reference view's camera_from_ct for one view)."""
         return invert_pose(self.views[0].camera_from_world) @ ref_pose

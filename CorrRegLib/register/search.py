@@ -177,17 +177,19 @@ def distinct(ranked: list[tuple[float, Tensor]], isocenter: Tensor, keep: int, m
     return kept
 
 
-#: Refined local starts that place the CT's bone within this distance of each other as the views
-#: see it (Problem.bone_shift, mm) ended in one basin. Measured on the bone, not as angles: on the
-#: wrist the starts that reached the radius lay within 4 mm of each other after the coarse levels
-#: though turned up to 23 deg about its shaft, which a thin bone barely shows (docs/registration.md).
+#: Refined local starts that place the CT's bone within this distance of each other
+#: (Problem.bone_move, mm, depth included) ended in one basin. Measured on the bone, not as angles:
+#: on the wrist the starts that reached the radius lay within 4 mm of each other after the coarse
+#: levels though turned up to 23 deg about its shaft, which a thin bone barely shows
+#: (docs/registration.md). Depth counts: one view barely tells the radius 30 mm deeper from the
+#: right pose, and those are different results.
 BASIN_MM = 6.0
 
 
 def basins(ranked: list[tuple[float, Tensor]], distance: Callable[[Tensor, Tensor], float],
            tolerance_mm: float) -> list[tuple[float, Tensor]]:
     """The best pose of each basin of a ranked list of (score, pose): every pose at least
-    ``tolerance_mm`` (``distance(p, q)``, e.g. Problem.bone_shift) from each earlier kept one
+    ``tolerance_mm`` (``distance(p, q)``, e.g. Problem.bone_move) from each earlier kept one
     starts a basin."""
     kept: list[tuple[float, Tensor]] = []
     for s, p in ranked:
@@ -235,6 +237,10 @@ class CandidateRefinement:
     def planned(self, problem) -> int:
         return sum(lv.max_iterations for lv in self.levels)
 
+    def rank(self, problem, poses: Tensor) -> Tensor:
+        """(B,) ranking scores of reference-view poses (B, 4, 4), higher better."""
+        return self.verifier.scores(problem, poses, self.rank_similarity if problem.bone_only else None)
+
     def run(self, problem, state: RunState) -> Iterator[None]:
         if not state.candidates:
             return
@@ -249,16 +255,19 @@ class CandidateRefinement:
                     state.record(float(losses[k]), refiner.poses()[k].detach(), stage)
                     yield
             poses = refiner.best_poses
-        scores = self.verifier.scores(problem, poses, self.rank_similarity if problem.bone_only else None)
+        scores = self.rank(problem, poses)
+        state.ranking = lambda finished: self.rank(problem, finished)  # the runoff's judge (Pipeline)
         order = sorted(range(len(poses)), key=lambda i: -float(scores[i]))
         # candidates that converged into one basin are one candidate: later attempts try others
-        state.candidates = basins([(float(scores[i]), poses[i]) for i in order], problem.bone_shift, BASIN_MM)
+        state.candidates = basins([(float(scores[i]), poses[i]) for i in order], problem.bone_move, BASIN_MM)
         # the share of the refined poses that ended in each kept candidate's basin
-        state.agreement = [sum(problem.bone_shift(p, q) < BASIN_MM for p in poses) / len(poses)
+        state.agreement = [sum(problem.bone_move(p, q) < BASIN_MM for p in poses) / len(poses)
                            for _, q in state.candidates]
         # how much more of the images the next basin leaves unexplained (ranking loss 1 - score,
-        # relative), and how far from this one it places the bone
-        state.rank_margins = [((1.0 - s2) / max(1.0 - s1, 1e-9) - 1.0, problem.bone_shift(p1, p2))
+        # relative), how far from this one it places the bone, and how much of that the views
+        # see across their axes
+        state.rank_margins = [((1.0 - s2) / max(1.0 - s1, 1e-9) - 1.0, problem.bone_move(p1, p2),
+                               problem.bone_shift(p1, p2))
                               for (s1, p1), (s2, p2) in zip(state.candidates, state.candidates[1:])]
 
 

@@ -40,8 +40,10 @@ class RunState:
         #: per candidate: the share of the refined candidates that ended in its basin
         self.agreement: list[float] = []
         #: per candidate but the last: (how much higher the next one's ranking loss is, relative;
-        #: how far apart the two place the bone, mm)
-        self.rank_margins: list[tuple[float, float]] = []
+        #: how far apart the two place the bone, mm; how much of that the views see across their axes)
+        self.rank_margins: list[tuple[float, float, float]] = []
+        #: scores finished poses (B, 4, 4) as the candidates were ranked (set by CandidateRefinement)
+        self.ranking = None
         #: how many local starts were refined (0: none ran) and which candidate the attempt took
         self.local_starts = 0
         self.taken = 0

@@ -111,7 +111,8 @@ def main() -> int:
                         "consistency": float(res.evidence["consistency"]) if res.evidence else float("nan"),
                         "flagged": bool(res.flagged), "seconds": res.runtime_s,
                         "agreement": (res.evidence or {}).get("agreement"),
-                        "rank_margin": (res.evidence or {}).get("rank_margin")}
+                        "rank_margin": (res.evidence or {}).get("rank_margin"),
+                        "rival_mm": (res.evidence or {}).get("rival_mm"), "message": res.message}
         rows.append(row)
         print(json.dumps(row), flush=True)
     metric = "mpd" if a.views == 1 else "mtre"

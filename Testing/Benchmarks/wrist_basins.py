@@ -2,8 +2,11 @@
 that ``wrist_rank_starts.py`` saved (each run's local starts after the coarse levels, world_from_ct,
 and their ranking scores) and judges each run as a registration does (search.CandidateRefinement,
 pipeline.Pipeline.conclude): basins of poses that place the radius's bone within ``BASIN_MM`` of
-each other as the views see it (Problem.bone_shift), the kept basin's agreement and its margin
-over the next (``rank_margin``).
+each other (Problem.bone_move, depth included), the kept basin's agreement and its margin over
+the next (``rank_margin``). It judges the coarse ranking only: where that margin is under
+``min_rank_margin`` a registration finishes the next basin too and judges the two finished
+poses (the runoff, pipeline.Pipeline._runoff), which only the full runs show
+(``wrist_register.py``).
 
     python Testing/Benchmarks/wrist_rank_starts.py --ct radius.nrrd --pose docs/results/wrist/best_pose.json \\
         --reference docs/results/wrist/polished_pose.json --similarities bandpass_ncc --seed 0 --out rank-seed0.json
@@ -72,19 +75,19 @@ def main() -> int:
     ap.add_argument("--ct", required=True)
     ap.add_argument("--reference", required=True, help="world_from_ct JSON of the right result")
     ap.add_argument("--similarity", default="bandpass_ncc", help="the ranking score saved in the runs")
-    ap.add_argument("--within", type=float, default=BASIN_MM, help="bone shift (mm) from --reference that is right")
+    ap.add_argument("--within", type=float, default=BASIN_MM, help="bone move (mm, Problem.bone_move) from --reference that is right")
     ap.add_argument("--min-rank-margin", type=float, default=RegistrationOptions().min_rank_margin)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     vol, centre, views = load_case(a)
     reference, _ = read_world_pose_json(a.reference)
-    # what a registration measures basins with (Problem.bone_shift): any start will do
+    # what a registration measures basins with (Problem.bone_move): any start will do
     problem = Problem(vol, views, centre, views[0].camera_from_world @ reference, torch.device("cpu"),
                       RegistrationOptions())
 
     def shift(p: torch.Tensor, q: torch.Tensor) -> float:
-        return problem.bone_shift(problem.ref_pose(p), problem.ref_pose(q))
+        return problem.bone_move(problem.ref_pose(p), problem.ref_pose(q))
 
     for path in a.runs:
         runs = json.loads(Path(path).read_text())["runs"]

@@ -84,7 +84,7 @@ def rotation_from_mean(poses: list[torch.Tensor]) -> float:
 def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_views: int) -> dict:
     """The spread of the verified biplane results and the single views' medians."""
     ok = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows if not r["flagged"]]
-    summary = {"starts": len(rows), "verified": len(ok), "median_seconds": float(np.median([r["seconds"] for r in rows]))}
+    summary = {"starts": len(rows), "verified": len(ok), "median_seconds": float(np.median([r["seconds"] for r in rows])) if rows else None}
     if ok:
         d, r = spread(ok, points)
         summary.update(spread_mm=d, spread_deg=r, biplane_pose=ok[0].tolist())
@@ -114,6 +114,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--method", default="intensity")
     ap.add_argument("--single", action="store_true", help="also register each view alone from the same starts")
+    ap.add_argument("--no-biplane", action="store_true", help="with --single: only the views alone")
     ap.add_argument("--fine", type=int, default=0, metavar="PX",
                     help="add a finest level of PX pixels across the bone (patch NCC) and verify at half of it")
     ap.add_argument("--local-starts", type=int, default=0, metavar="N",
@@ -151,12 +152,12 @@ def main() -> int:
     pose, _ = read_world_pose_json(a.pose)
     mine = [(k, s) for k, s in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)) if k % n_parts == part]
     rows = []
-    for k, start in mine:
+    for k, start in ([] if a.no_biplane else mine):
         t = time.perf_counter()
         res = RegistrationSession(vol, initial_pose=start, views=vs, method=a.method, isocenter=centre,
                                   options=options).run()
         rows.append({"start": k, "world_from_ct": res.pose.tolist(), "flagged": res.flagged, "seconds": time.perf_counter() - t,
-                     "evidence": res.evidence, "start_offset_mm": float((transform_points(start, points) - transform_points(pose, points)).norm(dim=1).mean())})
+                     "evidence": res.evidence, "message": res.message, "start_offset_mm": float((transform_points(start, points) - transform_points(pose, points)).norm(dim=1).mean())})
         print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "world_from_ct"}), flush=True)
     single = []
     if a.single:
@@ -169,7 +170,8 @@ def main() -> int:
                 err = transform_points(res.pose, centre.reshape(1, 3))[0] - transform_points(v.camera_from_world @ pose, centre.reshape(1, 3))[0]
                 rot = float(geodesic_distance(invert_pose(v.camera_from_world) @ res.pose, pose)[0])
                 single.append({"view": vi + 1, "start": k, "flagged": res.flagged, "in_plane_mm": float(err[:2].norm()),
-                               "depth_mm": float(err[2].abs()), "rotation_deg": rot, "seconds": time.perf_counter() - t})
+                               "depth_mm": float(err[2].abs()), "rotation_deg": rot, "seconds": time.perf_counter() - t,
+                               "message": res.message})
                 print(json.dumps(single[-1]), flush=True)
     summary = summarize(rows, single, points, len(vs)) | {"perturbation": f"{a.deg:g} deg, {a.mm:g} mm"}
     name = "summary.json" if n_parts == 1 else f"part-{part}.json"

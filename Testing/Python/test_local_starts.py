@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from CorrRegLib.cli import main as corrreg
-from CorrRegLib.geometry import c_arm_pose, euler_to_rotation, geodesic_distance, rotation_about_point, transform_points
+from CorrRegLib.geometry import Camera, c_arm_pose, euler_to_rotation, geodesic_distance, rotation_about_point, transform_points
 from CorrRegLib.io import write_calibration, write_ct, write_world_pose_json, write_xray
 from CorrRegLib.phantom import small_phantom
 from CorrRegLib.protocols import get_protocol, perturb_pose
 from CorrRegLib.register import RegistrationOptions, View, register
 from CorrRegLib.register.problem import Problem
-from CorrRegLib.register.pipeline import Attempt, Pipeline
+from CorrRegLib.register.pipeline import Attempt, Pipeline, candidate_attempts
 from CorrRegLib.register.search import BASIN_MM, CandidateRefinement, LocalStarts, TakeCandidate, basins
 from CorrRegLib.register.state import RunState
 from CorrRegLib.register.verify import Verifier
@@ -138,6 +138,29 @@ def test_bone_shift_measures_poses_on_the_bone_as_the_views_see_it():
     assert [s for s, _ in basins(ranked, one.bone_shift, BASIN_MM)] == [0.9, 0.7]
 
 
+def test_bone_move_counts_depth_that_one_view_does_not_see():
+    """Basins are told apart by bone_move, the bone's 3D displacement: the tube 10 mm deeper in
+    the one view is 10 mm away though that view sees none of it across its axis (bone_shift 0),
+    so it is another basin, not the same result; the 20 deg turn about the tube's axis moves each
+    bone point by 2 r sin(10 deg) exactly."""
+    vol = tube()
+    iso = vol.center_lps()
+    truth = torch.eye(4, dtype=torch.float64)
+    _, cfw, views = two_views(vol, truth, iso)
+    start = cfw[0] @ truth
+    one = Problem(vol, views[:1], iso, start, torch.device("cpu"), RegistrationOptions())
+    points = one.bone_points()
+    radius = (points[:, :2] - iso[:2]).norm(dim=1).mean()
+    deeper = torch.eye(4, dtype=torch.float64)
+    deeper[2, 3] = 10.0
+    assert one.bone_move(start, deeper @ start) == pytest.approx(10.0, rel=1e-9)
+    assert one.bone_shift(start, deeper @ start) == pytest.approx(0.0, abs=1e-9)
+    turned = cfw[0] @ roll(truth, iso, 20.0)
+    assert one.bone_move(start, turned) == pytest.approx(2 * float(radius) * math.sin(math.radians(10.0)), rel=1e-6)
+    ranked = [(0.9, start), (0.8, turned), (0.6, deeper @ start)]
+    assert [s for s, _ in basins(ranked, one.bone_move, BASIN_MM)] == [0.9, 0.6]
+
+
 def test_a_pose_the_images_do_not_decide_is_flagged():
     """A wide tube turned 90 deg about its own axis projects the same: started there and at the
     truth, the two refined basins place the bone 12 mm apart across the views and score alike, so
@@ -161,6 +184,72 @@ def test_a_pose_the_images_do_not_decide_is_flagged():
     assert 0.0 <= ev["rank_margin"] < o.min_rank_margin, ev
     assert state.flagged and "do not decide between them" in " ".join(state.messages), state.messages
     assert "1 of 2 local starts reached this pose" in " ".join(state.messages), state.messages
+
+
+def far_view(volume, truth, iso):
+    """One 64 px view with its source 10 m from the isocenter (magnification 2, 1.25 mm pixels
+    there): nearly parallel, so the tube 30 mm deeper images 0.3 % smaller, under a pixel."""
+    cam = Camera(sdd=20000.0, pixel_spacing=(2.5, 2.5), size=(64, 64))
+    cfw = c_arm_pose(iso, 10000.0, 180.0, 0.0)
+    xray = simulate_xray(volume, cam, cfw @ truth, dose=1e4, blur_mm=0.6, seed=0).image
+    return cfw, View(xray, cam, cfw)
+
+
+def run_given(problem, o, starts):
+    """Local starts' attempts (candidate_attempts) from ``starts`` instead of random ones."""
+    verifier = Verifier(o.verify_level, o.bone_only_fallback_below)
+    pipeline = Pipeline(candidate_attempts(o, verifier, GivenStarts(starts), "local starts"), verifier,
+                        o.min_agreement, o.min_rank_margin)
+    state = RunState(problem.initial_pose, problem.bounds)
+    list(pipeline.run(problem, state, lambda n: None))
+    return pipeline, state
+
+
+def test_a_rival_in_depth_is_finished_too_and_the_result_names_depth():
+    """One nearly parallel view of the phantom, started at the truth and 30 mm deeper: the
+    ranking leaves the two basins 30 mm apart with scores alike, so the second candidate is
+    finished too (the runoff) though the first verified; finished, they stay apart and still
+    explain the image alike, and the flag says that the difference is depth, which this view
+    cannot show and a second view would. The truth is kept (ranked first)."""
+    ph = small_phantom(seed=0)
+    iso = ph.volume.bone_center_lps()
+    truth = torch.eye(4, dtype=torch.float64)
+    cfw, view = far_view(ph.volume, truth, iso)
+    o = replace(RegistrationOptions(), levels=RegistrationOptions().levels[:3], polish_detector_px=())
+    start = cfw @ truth
+    deeper = torch.eye(4, dtype=torch.float64)
+    deeper[2, 3] = 30.0
+    problem = Problem(ph.volume, [view], iso, start, torch.device("cpu"), o)
+    pipeline, state = run_given(problem, o, [start, deeper @ start])
+    assert len(pipeline.done) == 2, state.messages  # the second basin ran though the first verified
+    assert pipeline.done[0][0].verified, pipeline.done[0][0].features
+    ev = state.evidence.features
+    assert ev["rival_mm"] > 20.0 and ev["rival_across_mm"] < BASIN_MM, ev
+    assert 0.0 <= ev["rank_margin"] < o.min_rank_margin, ev
+    assert problem.bone_move(state.best_pose, start) < 2.0
+    said = " ".join(state.messages)
+    assert "finished too, stays" in said and state.flagged, state.messages
+    assert "the rest is depth" in said and "a second view" in said, state.messages
+
+
+def test_a_clear_winner_is_not_run_off():
+    """The paper's geometry sees 7 mm of depth (magnification): the deeper start's basin leaves
+    clearly more unexplained, so the verified first candidate ends the run, unflagged."""
+    from CorrRegLib.register.options import Level
+
+    ph = small_phantom(seed=0)
+    iso = ph.volume.bone_center_lps()
+    truth = torch.eye(4, dtype=torch.float64)
+    _, cfw, views = two_views(ph.volume, truth, iso)
+    o = replace(RegistrationOptions(), levels=RegistrationOptions().levels[:3], polish_detector_px=(),
+                candidate_levels=(Level(16, 0, 6.0, "ncc"),))
+    start = cfw[0] @ truth
+    deeper = torch.eye(4, dtype=torch.float64)
+    deeper[2, 3] = 7.0
+    problem = Problem(ph.volume, views[:1], iso, start, torch.device("cpu"), o)
+    pipeline, state = run_given(problem, o, [start, deeper @ start])
+    assert len(pipeline.done) == 1 and not state.flagged, state.messages
+    assert state.evidence.features["rank_margin"] > o.min_rank_margin, state.evidence.features
 
 
 def test_local_starts_are_refused_where_they_do_not_apply():
