@@ -168,6 +168,8 @@ class Pipeline:
             self.done.append((ev, state.best_pose.clone(), state.best_loss, state.stage, attempt.label))
             if ev.verified and not self._runoff_due(k, ev):
                 break
+            if k == 1 and self.done[0][0].verified:  # the runoff's second basin ran: the two decide
+                break
         self.conclude(problem, state)
 
     def _runoff_due(self, k: int, ev: Evidence) -> bool:
