@@ -13,7 +13,10 @@ mTRE for two) and how many misses went unflagged. ``--compare`` also runs with t
 similarities forced (``bone_only=False``: the previous release's behaviour); ``--cut-at K`` crops
 the CT's box through a bone and compares leaving its cut end out (``exclude_cut_ends``) with not;
 ``--compare-region`` a held compared region with one that follows the pose; ``--compare-polish``
-the bone-only polish (register/polish.py) with none.
+the bone-only polish (register/polish.py) with none. ``--xray-source NAME`` renders the X-rays
+with another renderer (CorrRegLib.benchmark.sources: ``nanodrr``, ``diffdrr``, benchmark
+environment only), each with its own HU conversion, degraded as CorrReg's are: the registration
+was never tuned on them.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from CorrRegLib.benchmark.sources import SourceCT, get_source  # noqa: E402
 from CorrRegLib.geometry import c_arm_pose, invert_pose, transform_points  # noqa: E402
 from CorrRegLib.metrics import mpd, mtre  # noqa: E402
 from CorrRegLib.phantom import small_phantom  # noqa: E402
 from CorrRegLib.protocols import get_protocol, make_cases, perturb_pose  # noqa: E402
 from CorrRegLib.register import RegistrationOptions, RegistrationSession, View  # noqa: E402
-from CorrRegLib.simulate import simulate_xray  # noqa: E402
+from CorrRegLib.simulate import degrade, simulate_xray  # noqa: E402
 
 BONES = {"vertebrae": (1, 5), "L2": (2, 2), "L3": (3, 3), "L4": (4, 4)}
 
@@ -58,6 +62,8 @@ def main() -> int:
     ap.add_argument("--compare-polish", action="store_true",
                     help="compare no polish with the bone-only polish (bone_only_polish, L-BFGS on band-pass NCC)")
     ap.add_argument("--polish-similarity", default="bandpass_ncc", help="the polish's similarity (--compare-polish)")
+    ap.add_argument("--xray-source", default="corrreg",
+                    help="who renders the X-rays: corrreg (default), nanodrr or diffdrr (benchmark environment)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the rows as JSON here")
     a = ap.parse_args()
@@ -70,6 +76,9 @@ def main() -> int:
     iso = bone.bone_center_lps()
     protocol = get_protocol("paper", detector_downsample=4)
     cam = protocol.camera
+    render = None
+    if a.xray_source != "corrreg":
+        render = get_source(a.xray_source).renderer(SourceCT(ph.hu, ph.volume), cam, torch.device("cpu"))
     if sum(map(bool, (a.compare, a.cut_at, a.compare_region, a.compare_polish))) > 1:
         ap.error("--compare, --cut-at, --compare-region and --compare-polish compare one thing each; give one")
     if a.cut_at:  # (tag, options that differ from the defaults)
@@ -91,8 +100,11 @@ def main() -> int:
             cfw = [c_arm_pose(centre, 700.0, 180.0, 0.0), c_arm_pose(centre, 700.0, 250.0, 0.0)]
             truth = perturb_pose(torch.eye(4, dtype=torch.float64), centre, ((torch.rand(3, generator=g) * 2 - 1) * 5).tolist(),
                                  ((torch.rand(3, generator=g) * 2 - 1) * 5).tolist())  # world_from_ct
-        xrays = [simulate_xray(ph.volume, cam, c @ truth, dose=1e4, blur_mm=0.6, scatter=0.1, heel=0.1, seed=k + v).image
-                 for v, c in enumerate(cfw)]
+        look = dict(dose=1e4, blur_mm=0.6, scatter=0.1, heel=0.1)
+        if render is None:
+            xrays = [simulate_xray(ph.volume, cam, c @ truth, seed=k + v, **look).image for v, c in enumerate(cfw)]
+        else:
+            xrays = [degrade(render(c @ truth), cam.pixel_spacing, seed=k + v, **look)[0] for v, c in enumerate(cfw)]
         offsets = torch.tensor([5.0, 5.0, 15.0]) * a.scale
         start = perturb_pose(truth, iso, ((torch.rand(3, generator=g) * 2 - 1) * 3 * a.scale).tolist(),
                              ((torch.rand(3, generator=g) * 2 - 1) * offsets).tolist())
