@@ -135,15 +135,25 @@ def rival_message(features: dict, n_views: int) -> str:
             "check the overlay, or start closer")
 
 
+def single_view_message(edges: float, bar: float) -> str:
+    """Why a one-view result is flagged when the CT explains little of the image (options.min_single_view_edges)."""
+    return (f"one view, and the CT explains little of it (gradient NCC {edges:.2f}, under {bar:g}): what the CT does "
+            "not hold (other bones, soft tissue) can pull the pose along the depth and roll that one view leaves "
+            "loose, and on real images such results explained their view better than the true pose did, so no "
+            "check in this view can confirm it; register with a second view 60-90 deg from this one, or check the "
+            "pose in another image")
+
+
 class Pipeline:
     """Runs attempts until one verifies (see the module docstring)."""
 
     def __init__(self, attempts: list[Attempt], verifier: Verifier | None, min_agreement: float = 0.0,
-                 min_rank_margin: float = 0.0) -> None:
+                 min_rank_margin: float = 0.0, min_single_view_edges: float | None = None) -> None:
         self.attempts = attempts
         self.verifier = verifier
         self.min_agreement = min_agreement
         self.min_rank_margin = min_rank_margin
+        self.min_single_view_edges = min_single_view_edges
         self.done: list[tuple[Evidence, object, float, str, str]] = []  # (evidence, pose, loss, stage, label)
         self.current: Attempt | None = None
         self.concluded = False
@@ -242,6 +252,10 @@ class Pipeline:
             state.flag(f"only {round(agreement * ev.features['local_starts'])} of {ev.features['local_starts']} local "
                        "starts reached this pose: the images leave several poses near the start that a local search "
                        "settles on, so the result depends on the start; check the overlay, or start closer")
+        edges = ev.features.get("gradient_ncc")
+        if (len(problem.views) == 1 and self.min_single_view_edges is not None and edges is not None
+                and edges < self.min_single_view_edges):
+            state.flag(single_view_message(edges, self.min_single_view_edges))
         if ev.verified:
             if tried > 1:
                 state.messages.append(f"verified after {tried} attempts (kept '{label}': {ev.describe()})")

@@ -150,7 +150,7 @@ class RegistrationSession:
             bar = o.bone_only_fallback_below
         self.verifier = None if bar is None else Verifier(o.verify_level, bar)
         self.pipeline = Pipeline(build_attempts(pipeline_name, o, self.verifier, network), self.verifier,
-                                 o.min_agreement, o.min_rank_margin)
+                                 o.min_agreement, o.min_rank_margin, o.min_single_view_edges)
         self._run = RunState(ref_init, self.problem.bounds)
         if o.bone_only_polish is not None and not self.problem.bone_only:
             self._run.messages.append("no polish: it is for a CT that holds only bone (a segmented bone, or "
