@@ -18,7 +18,11 @@ from CorrRegLib.io import read_world_pose_json
 from CorrRegLib.register import RegistrationOptions, RegistrationSession
 from CorrRegLib.register.verify import Verifier
 from CorrRegLib.geometry import transform_points, invert_pose, geodesic_distance
-ap = argparse.ArgumentParser(); ap.add_argument('--part', default='0/1'); ap.add_argument('--n', type=int, default=10); ap.add_argument('--ct', required=True); ap.add_argument('--out', required=True)
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument('--ct', required=True, help="the radius converted by corrreg convert-ct (docs/real-data.md)")
+ap.add_argument('--out', required=True, help="folder for part-I.json")
+ap.add_argument('--n', type=int, default=10, help="starts per view")
+ap.add_argument('--part', default='0/1', metavar='I/N', help="run only the starts k with k %% N == I (one process per core)")
 a0 = ap.parse_args()
 a = argparse.Namespace(ct=a0.ct, data='/work/shared/data/wrist-biplane', threads=1)
 vol, centre, vs = load_case(a)
