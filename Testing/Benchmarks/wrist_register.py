@@ -81,6 +81,22 @@ def rotation_from_mean(poses: list[torch.Tensor]) -> float:
     return max(float(geodesic_distance(mean, p)[0]) for p in stack)
 
 
+def alone(vol: Volume, view: View, world_start: torch.Tensor, centre: torch.Tensor, options: RegistrationOptions,
+          method: str = "intensity") -> RegistrationSession:
+    """A session registering ``view`` alone from the world_from_ct ``world_start`` (placed in its camera)."""
+    return RegistrationSession(vol, view.image, view.camera, view.camera_from_world @ world_start, mask=view.mask,
+                               method=method, isocenter=centre, options=options)
+
+
+def errors_in_view(camera_from_ct: torch.Tensor, view: View, world_pose: torch.Tensor, centre: torch.Tensor) -> dict:
+    """A single-view result against ``world_pose`` in that view: the bone centroid's in-plane and
+    depth error (mm, its camera frame) and the rotation between them (deg)."""
+    err = (transform_points(camera_from_ct, centre.reshape(1, 3))[0]
+           - transform_points(view.camera_from_world @ world_pose, centre.reshape(1, 3))[0])
+    rot = float(geodesic_distance(invert_pose(view.camera_from_world) @ camera_from_ct, world_pose)[0])
+    return {"in_plane_mm": float(err[:2].norm()), "depth_mm": float(err[2].abs()), "rotation_deg": rot}
+
+
 def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_views: int) -> dict:
     """The spread of the verified biplane results and the single views' medians."""
     ok = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows if not r["flagged"]]
@@ -165,12 +181,9 @@ def main() -> int:
         for vi, v in enumerate(vs):
             for k, start in mine:
                 t = time.perf_counter()
-                res = RegistrationSession(vol, v.image, v.camera, v.camera_from_world @ start, mask=v.mask, method=a.method,
-                                          isocenter=centre, options=options).run()
-                err = transform_points(res.pose, centre.reshape(1, 3))[0] - transform_points(v.camera_from_world @ pose, centre.reshape(1, 3))[0]
-                rot = float(geodesic_distance(invert_pose(v.camera_from_world) @ res.pose, pose)[0])
-                single.append({"view": vi + 1, "start": k, "flagged": res.flagged, "in_plane_mm": float(err[:2].norm()),
-                               "depth_mm": float(err[2].abs()), "rotation_deg": rot, "seconds": time.perf_counter() - t,
+                res = alone(vol, v, start, centre, options, a.method).run()
+                single.append({"view": vi + 1, "start": k, "flagged": res.flagged,
+                               **errors_in_view(res.pose, v, pose, centre), "seconds": time.perf_counter() - t,
                                "message": res.message})
                 print(json.dumps(single[-1]), flush=True)
     summary = summarize(rows, single, points, len(vs)) | {"perturbation": f"{a.deg:g} deg, {a.mm:g} mm"}

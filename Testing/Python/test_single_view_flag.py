@@ -19,9 +19,8 @@ MESSAGE = "the CT explains little of it"
 
 def clutter(image: torch.Tensor, strength: float) -> torch.Tensor:
     """``image`` plus sharp bars the CT does not hold (8 px stripes, ``strength`` x the image's range)."""
-    h, w = image.shape[-2:]
-    bars = ((torch.arange(w) // 8) % 2).float().expand(h, w)
-    return image + strength * float(image.max() - image.min()) * bars.reshape(image.shape[-2:]).expand_as(image)
+    bars = ((torch.arange(image.shape[-1]) // 8) % 2).to(image.dtype)  # broadcast over the rows
+    return image + strength * float(image.max() - image.min()) * bars
 
 
 @pytest.fixture(scope="module")
