@@ -27,6 +27,11 @@ Tensor = torch.Tensor
 
 #: A DRR pixel counts as "the CT projects here" above this fraction of the image's maximum.
 SUPPORT_FRACTION = 0.02
+#: The CT is still in the field of view while its DRR covers more than this share of the square
+#: its footprint spans (footprint_px, at the level's pixels); a CT that fills the detector keeps
+#: about the old bar (0.5 % of a canvas padded by half the footprint on each side: 2 %, of the
+#: detector alone: 0.5 %).
+SHOWS_FRACTION = 0.01
 #: The cut ends' shadow is grown by this many pixels before it is left out.
 CUT_GROW_PX = 1
 #: A similarity window's origin is a multiple of this many pixels of its canvas, so that tiled and
@@ -236,6 +241,14 @@ class Problem:
                 extent = float(span) * cam.width / coarse.width * (1 + 2 * self.options.roi_margin)
             self._footprint[view] = min(float(max(cam.size)), extent)
         return self._footprint[view]
+
+    def shows_px(self, view: int, detector: Camera) -> float:
+        """How many pixels of ``detector`` (the view at some level) the CT's DRR must cover to count as
+        still in the field of view: ``SHOWS_FRACTION`` of the square its footprint spans there. Taken
+        from the CT's own size, not the detector's: a carpal bone in a 1760 px intensifier image
+        covers under 1 % of it even where it is fully seen."""
+        across = self.footprint_px(view) * detector.width / self.views[view].camera.width
+        return SHOWS_FRACTION * across * across
 
     def level_camera(self, view: int, level: Level) -> Camera:
         """The view's detector at ``level``: pixels such that the CT's projection spans about
@@ -479,8 +492,7 @@ class Problem:
                 region = self.held_region(region_poses, v, level, camera, detector.width)
             compared = region if usable is None else region * usable
             total = total + (sim(fixed, drr, compared, region) if counts_unseen else sim(fixed, drr, compared))
-            # "the CT projects onto the detector": more than 0.5 % of the canvas shows it
-            here = (drr.detach().flatten(1) > 1e-3).double().sum(1).cpu() > 0.005 * canvas.width * canvas.height
+            here = (drr.detach().flatten(1) > 1e-3).double().sum(1).cpu() > self.shows_px(v, detector)
             shows = here if shows is None else shows & here
         return total / len(self.views), shows
 
