@@ -6,14 +6,13 @@ stopped every refinement of a 20 mm piece of the wrist's radius at its first ite
 import pytest
 import torch
 
-from CorrRegLib.geometry import Camera, c_arm_pose, invert_pose, transform_points
+from CorrRegLib.geometry import Camera, c_arm_pose, invert_pose
 from CorrRegLib.metrics import mtre
 from CorrRegLib.phantom import small_phantom
 from CorrRegLib.protocols import perturb_pose
 from CorrRegLib.register import RegistrationOptions, View, register
 from CorrRegLib.register.problem import Problem
 from CorrRegLib.simulate import simulate_xray
-from CorrRegLib.volume import BONE_MU_PER_MM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,12 +47,6 @@ def test_a_small_bone_fully_seen_is_in_the_field_of_view_and_one_moved_off_it_is
     assert covered < 0.005, f"the case is not small: {covered:.4f} of the detector"
 
 
-def bone_points(volume) -> torch.Tensor:
-    """(N, 3) LPS mm of every 10th bone voxel: the targets of the mTRE."""
-    ijk = (volume.data > BONE_MU_PER_MM).nonzero()[::10].flip(1).double()
-    return transform_points(volume.lps_from_index(), ijk)
-
-
 def test_a_small_bone_in_wide_views_registers(one_vertebra):
     """Both views 70 deg apart, the X-rays of the whole phantom: the neighbouring vertebrae, which
     the CT does not hold, are in the image as a carpal bone's neighbours are."""
@@ -63,7 +56,7 @@ def test_a_small_bone_in_wide_views_registers(one_vertebra):
     views = [View(simulate_xray(ph.volume, WIDE, c, dose=1e4, blur_mm=0.6, seed=k).image, WIDE, c)
              for k, c in enumerate(cfw)]
     start = invert_pose(cfw[0]) @ perturb_pose(cfw[0], iso, (3.0, -2.0, 3.0), (3.0, -3.0, 4.0))
-    targets = bone_points(bone)
+    targets = Problem(bone, views, iso, cfw[0] @ start, torch.device("cpu"), RegistrationOptions()).bone_points()
     res = register(bone, initial_pose=start, views=views, method="intensity", isocenter=iso)
     assert "left the field of view" not in res.message, res.message
     assert float(mtre(start, world_from_ct, targets)) > 4.0
