@@ -9,7 +9,8 @@ seeded starts (rotation offsets of ``--deg`` and translations of ``--mm`` in ran
 about the bone's centroid) it runs the biplane registration, and reports the spread of the
 results (max distance of the bone's voxels from their mean position, max rotation from the mean
 pose); then each view alone from the same starts, compared with ``--pose`` as in-plane and
-depth errors of the centroid in that view. Prints a JSON summary and writes it to ``--out``;
+depth errors of the centroid in that view. Each biplane row's ``offset_mm`` is the bone's mean
+distance from where ``--pose`` puts it (its error, where that pose is known). Prints a JSON summary and writes it to ``--out``;
 ``--part I/N`` splits the starts over processes and ``--join`` gathers their parts.
 """
 
@@ -97,6 +98,12 @@ def errors_in_view(camera_from_ct: torch.Tensor, view: View, world_pose: torch.T
     return {"in_plane_mm": float(err[:2].norm()), "depth_mm": float(err[2].abs()), "rotation_deg": rot}
 
 
+def offset_mm(world_from_ct: torch.Tensor, reference: torch.Tensor, points: torch.Tensor) -> float:
+    """Mean distance (mm) of the bone's ``points`` (CT LPS mm) under ``world_from_ct`` from where
+    ``reference`` puts them: a result's error where ``--pose`` is a known pose."""
+    return float((transform_points(world_from_ct, points) - transform_points(reference, points)).norm(dim=1).mean())
+
+
 def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_views: int) -> dict:
     """The spread of the verified biplane results and the single views' medians."""
     ok = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows if not r["flagged"]]
@@ -108,6 +115,9 @@ def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_view
         every = [torch.tensor(r["world_from_ct"], dtype=torch.float64) for r in rows]
         d, r = spread(every, points)
         summary.update(spread_all_mm=d, spread_all_deg=r, rotation_from_mean_all_deg=rotation_from_mean(every))
+        offsets = [r["offset_mm"] for r in rows if "offset_mm" in r]
+        if offsets:  # from --pose: an error where that pose is known
+            summary.update(offset_from_pose_median_mm=float(np.median(offsets)), offset_from_pose_max_mm=max(offsets))
     if single:
         summary["single_view"] = {
             f"view {vi + 1}": {stat: float(np.median([s[stat] for s in single if s["view"] == vi + 1]))
@@ -173,7 +183,8 @@ def main() -> int:
         res = RegistrationSession(vol, initial_pose=start, views=vs, method=a.method, isocenter=centre,
                                   options=options).run()
         rows.append({"start": k, "world_from_ct": res.pose.tolist(), "flagged": res.flagged, "seconds": time.perf_counter() - t,
-                     "evidence": res.evidence, "message": res.message, "start_offset_mm": float((transform_points(start, points) - transform_points(pose, points)).norm(dim=1).mean())})
+                     "evidence": res.evidence, "message": res.message, "start_offset_mm": offset_mm(start, pose, points),
+                     "offset_mm": offset_mm(res.pose, pose, points)})
         print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "world_from_ct"}), flush=True)
     single = []
     if a.single:
