@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from CorrRegLib.cli_realdata import read_view  # noqa: E402
 from CorrRegLib.geometry import geodesic_distance, invert_pose, random_perturbations, transform_points  # noqa: E402
 from CorrRegLib.io import read_ct, read_world_pose_json  # noqa: E402
+from CorrRegLib.metrics import mtre  # noqa: E402
 from CorrRegLib.register import Level, RegistrationOptions, RegistrationSession, View  # noqa: E402
 from CorrRegLib.volume import BONE_MU_PER_MM, Volume  # noqa: E402
 
@@ -96,12 +97,6 @@ def errors_in_view(camera_from_ct: torch.Tensor, view: View, world_pose: torch.T
            - transform_points(view.camera_from_world @ world_pose, centre.reshape(1, 3))[0])
     rot = float(geodesic_distance(invert_pose(view.camera_from_world) @ camera_from_ct, world_pose)[0])
     return {"in_plane_mm": float(err[:2].norm()), "depth_mm": float(err[2].abs()), "rotation_deg": rot}
-
-
-def offset_mm(world_from_ct: torch.Tensor, reference: torch.Tensor, points: torch.Tensor) -> float:
-    """Mean distance (mm) of the bone's ``points`` (CT LPS mm) under ``world_from_ct`` from where
-    ``reference`` puts them: a result's error where ``--pose`` is a known pose."""
-    return float((transform_points(world_from_ct, points) - transform_points(reference, points)).norm(dim=1).mean())
 
 
 def summarize(rows: list[dict], single: list[dict], points: torch.Tensor, n_views: int) -> dict:
@@ -183,8 +178,8 @@ def main() -> int:
         res = RegistrationSession(vol, initial_pose=start, views=vs, method=a.method, isocenter=centre,
                                   options=options).run()
         rows.append({"start": k, "world_from_ct": res.pose.tolist(), "flagged": res.flagged, "seconds": time.perf_counter() - t,
-                     "evidence": res.evidence, "message": res.message, "start_offset_mm": offset_mm(start, pose, points),
-                     "offset_mm": offset_mm(res.pose, pose, points)})
+                     "evidence": res.evidence, "message": res.message, "start_offset_mm": float(mtre(start, pose, points)),
+                     "offset_mm": float(mtre(res.pose, pose, points))})
         print(json.dumps({k2: v for k2, v in rows[-1].items() if k2 != "world_from_ct"}), flush=True)
     single = []
     if a.single:
