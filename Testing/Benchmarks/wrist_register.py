@@ -140,6 +140,8 @@ def main() -> int:
                     help="add a finest level of PX pixels across the bone (patch NCC) and verify at half of it")
     ap.add_argument("--local-starts", type=int, default=0, metavar="N",
                     help="each registration also refines N starts around its own (RegistrationOptions.local_starts)")
+    ap.add_argument("--local-start-spread", type=float, nargs=2, default=None, metavar=("DEG", "MM"),
+                    help="how far the local starts lie from the start (RegistrationOptions.local_start_deg, _mm)")
     ap.add_argument("--region-follows-pose", action="store_true", help="frame the compared region at every pose "
                     "instead of holding it through each level (RegistrationOptions.hold_region=False, the release before)")
     ap.add_argument("--polish", nargs="?", const="bandpass_ncc", default=None, metavar="SIMILARITY",
@@ -167,6 +169,8 @@ def main() -> int:
     part, n_parts = (int(x) for x in a.part.split("/"))
     options = RegistrationOptions(local_starts=a.local_starts, hold_region=not a.region_follows_pose,
                                   bone_only_polish=a.polish)
+    if a.local_start_spread:
+        options = replace(options, local_start_deg=a.local_start_spread[0], local_start_mm=a.local_start_spread[1])
     if a.fine:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
                           verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))
