@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from CorrRegLib.cli_realdata import read_view  # noqa: E402
-from CorrRegLib.geometry import geodesic_distance, invert_pose, random_perturbations, transform_points  # noqa: E402
+from CorrRegLib.geometry import geodesic_distance, invert_pose, project_points, random_perturbations, transform_points  # noqa: E402
 from CorrRegLib.io import read_ct, read_world_pose_json  # noqa: E402
 from CorrRegLib.metrics import mtre  # noqa: E402
 from CorrRegLib.register import Level, RegistrationOptions, RegistrationSession, View  # noqa: E402
@@ -56,6 +56,34 @@ def load_case(args: argparse.Namespace) -> tuple[Volume, torch.Tensor, list[View
     torch.set_num_threads(args.threads)
     vol = read_ct(args.ct)
     return vol, vol.bone_center_lps(), views(Path(args.data))
+
+
+def cut_fields(vs: list[View], vol: Volume, pose: torch.Tensor, cut: float) -> tuple[list[View], list[float]]:
+    """The views with each usable field also ending across the bone (as a shaft runs out of the
+    intensifier's disc): a straight edge perpendicular to the bone's projected long axis at
+    ``pose``, ``cut`` standard deviations of its projected voxels from their centroid towards the
+    shaft end (the CT's last slices), the shaft side masked out. Also returns, per view, the share
+    of the bone's projected voxels beyond the edge."""
+    bone = (vol.data > BONE_MU_PER_MM).nonzero()[::20]
+    shaft = bone[:, 0] > bone[:, 0].double().median()
+    lps = (torch.cat([bone.flip(1).double(), torch.ones(len(bone), 1, dtype=torch.float64)], 1)
+           @ vol.lps_from_index().T)[:, :3]
+    out, hidden = [], []
+    for v in vs:
+        uv = project_points(v.camera, (v.camera_from_world @ pose)[None], lps)[0]
+        d = uv - uv.mean(0)
+        axis = torch.linalg.svd(d, full_matrices=False).Vh[0]
+        if float((d[shaft] @ axis).mean()) < 0:
+            axis = -axis
+        edge = cut * float((d @ axis).std())
+        h, w = v.image.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
+                                indexing="ij")
+        c = uv.mean(0)
+        keep = ((xx - c[0]) * axis[0] + (yy - c[1]) * axis[1]) < edge
+        out.append(View(v.image, v.camera, v.camera_from_world, keep if v.mask is None else v.mask & keep, v.name))
+        hidden.append(float(((d @ axis) >= edge).double().mean()))
+    return out, hidden
 
 
 def starts(pose: torch.Tensor, centre: torch.Tensor, n: int, deg: float, mm: float, seed: int) -> list[torch.Tensor]:
@@ -147,6 +175,9 @@ def main() -> int:
     ap.add_argument("--polish", nargs="?", const="bandpass_ncc", default=None, metavar="SIMILARITY",
                     help="polish the result with L-BFGS on SIMILARITY (default band-pass NCC) at 128 and 256 px "
                          "(RegistrationOptions.bone_only_polish)")
+    ap.add_argument("--fov-cut", type=float, default=None, metavar="S",
+                    help="end each view's usable field across the bone, S standard deviations of its projection "
+                         "from its centroid towards the shaft (at --pose), as a bone running out of the field of view")
     ap.add_argument("--part", default="0/1", metavar="I/N",
                     help="run only the starts k with k %% N == I (one process per core), writing part-I.json")
     ap.add_argument("--join", action="store_true", help="join the part-*.json files in --out into summary.json")
@@ -163,6 +194,7 @@ def main() -> int:
         rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["start"])
         single = sorted((r for p in parts for r in p.get("single_rows", [])), key=lambda r: (r["view"], r["start"]))
         summary = summarize(rows, single, points, len(vs)) | {"perturbation": parts[0]["perturbation"]}
+        summary.update({k: parts[0][k] for k in ("fov_cut", "bone_hidden_share_per_view") if k in parts[0]})
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
         return 0
@@ -175,6 +207,10 @@ def main() -> int:
         options = replace(options, levels=options.levels + (Level(a.fine, 40, 0.15, voxel_slack=1.0),),
                           verify_level=Level(a.fine // 2, 0, 0.0, "ncc"))
     pose, _ = read_world_pose_json(a.pose)
+    hidden = None
+    if a.fov_cut is not None:
+        vs, hidden = cut_fields(vs, vol, pose, a.fov_cut)
+        print(json.dumps({"fov_cut": a.fov_cut, "bone_hidden_share_per_view": hidden}), flush=True)
     mine = [(k, s) for k, s in enumerate(starts(pose, centre, a.starts, a.deg, a.mm, a.seed)) if k % n_parts == part]
     rows = []
     for k, start in ([] if a.no_biplane else mine):
@@ -197,6 +233,8 @@ def main() -> int:
                                "message": res.message})
                 print(json.dumps(single[-1]), flush=True)
     summary = summarize(rows, single, points, len(vs)) | {"perturbation": f"{a.deg:g} deg, {a.mm:g} mm"}
+    if hidden is not None:
+        summary.update(fov_cut=a.fov_cut, bone_hidden_share_per_view=hidden)
     name = "summary.json" if n_parts == 1 else f"part-{part}.json"
     (out / name).write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("rows", "single_rows", "biplane_pose")}, indent=2))
