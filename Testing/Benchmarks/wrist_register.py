@@ -58,16 +58,21 @@ def load_case(args: argparse.Namespace) -> tuple[Volume, torch.Tensor, list[View
     return vol, vol.bone_center_lps(), views(Path(args.data))
 
 
+def bone_voxels(vol: Volume, every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N,) slice index k, (N, 3) LPS mm) of every ``every``-th bone voxel of ``vol``."""
+    kji = (vol.data > BONE_MU_PER_MM).nonzero()[::every]
+    ijk1 = torch.cat([kji.flip(1).double(), torch.ones(len(kji), 1, dtype=torch.float64)], 1)
+    return kji[:, 0], (ijk1 @ vol.lps_from_index().T)[:, :3]
+
+
 def cut_fields(vs: list[View], vol: Volume, pose: torch.Tensor, cut: float) -> tuple[list[View], list[float]]:
     """The views with each usable field also ending across the bone (as a shaft runs out of the
     intensifier's disc): a straight edge perpendicular to the bone's projected long axis at
     ``pose``, ``cut`` standard deviations of its projected voxels from their centroid towards the
     shaft end (the CT's last slices), the shaft side masked out. Also returns, per view, the share
     of the bone's projected voxels beyond the edge."""
-    bone = (vol.data > BONE_MU_PER_MM).nonzero()[::20]
-    shaft = bone[:, 0] > bone[:, 0].double().median()
-    lps = (torch.cat([bone.flip(1).double(), torch.ones(len(bone), 1, dtype=torch.float64)], 1)
-           @ vol.lps_from_index().T)[:, :3]
+    k, lps = bone_voxels(vol, 20)
+    shaft = k > k.double().median()
     out, hidden = [], []
     for v in vs:
         uv = project_points(v.camera, (v.camera_from_world @ pose)[None], lps)[0]
@@ -185,8 +190,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     vol, centre, vs = load_case(a)
-    points = (vol.data > BONE_MU_PER_MM).nonzero()[::50].double()  # bone voxels, as bone_center_lps
-    points = (torch.cat([points.flip(1), torch.ones(len(points), 1, dtype=torch.float64)], 1) @ vol.lps_from_index().T)[:, :3]
+    _, points = bone_voxels(vol, 50)  # bone voxels, as bone_center_lps
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.join:
