@@ -76,7 +76,8 @@ def cut_fields(vs: list[View], vol: Volume, pose: torch.Tensor, cut: float) -> t
     out, hidden = [], []
     for v in vs:
         uv = project_points(v.camera, (v.camera_from_world @ pose)[None], lps)[0]
-        d = uv - uv.mean(0)
+        c = uv.mean(0)
+        d = uv - c
         axis = torch.linalg.svd(d, full_matrices=False).Vh[0]
         if float((d[shaft] @ axis).mean()) < 0:
             axis = -axis
@@ -84,7 +85,6 @@ def cut_fields(vs: list[View], vol: Volume, pose: torch.Tensor, cut: float) -> t
         h, w = v.image.shape[-2:]
         yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
                                 indexing="ij")
-        c = uv.mean(0)
         keep = ((xx - c[0]) * axis[0] + (yy - c[1]) * axis[1]) < edge
         out.append(View(v.image, v.camera, v.camera_from_world, keep if v.mask is None else v.mask & keep, v.name))
         hidden.append(float(((d @ axis) >= edge).double().mean()))
