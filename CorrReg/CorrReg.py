@@ -18,7 +18,7 @@ import ctk
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -120,6 +120,25 @@ class InitialPoseMode(enum.Enum):
         }[self.value]
 
 
+class XrayPolarity(enum.Enum):
+    Auto = "auto"
+    Bright = "bright"
+    Dark = "dark"
+
+    def label(self):
+        return {"auto": _("detected"), "bright": _("bright (a radiograph)"),
+                "dark": _("dark (an intensifier's raw image): invert")}[self.value]
+
+
+class FieldOfView(enum.Enum):
+    Detect = "auto"
+    WholeImage = "none"
+    Mask = "mask"
+
+    def label(self):
+        return {"auto": _("detected"), "none": _("the whole image"), "mask": _("a mask:")}[self.value]
+
+
 class ComputeDevice(enum.Enum):
     Auto = "auto"
     CPU = "cpu"
@@ -135,7 +154,10 @@ class CorrRegParameterNode:
 
     ctVolume: vtkMRMLScalarVolumeNode
     xrayVolume: vtkMRMLScalarVolumeNode
-    invertXray: bool = False
+    # the X-ray as it comes (CorrRegModuleLib/xrayimage.py): polarity and the pixels compared
+    xrayPolarity: XrayPolarity = XrayPolarity.Auto
+    fieldOfView: FieldOfView = FieldOfView.Detect
+    fieldOfViewMask: vtkMRMLLabelMapVolumeNode
     # camera geometry (0 / -1: take it from the X-ray node, see CorrRegLogicCore.cameraForNode)
     sdd: Annotated[float, WithinRange(0.0, 5000.0)] = 0.0
     pixelSpacingX: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
@@ -143,6 +165,8 @@ class CorrRegParameterNode:
     principalPointX: Annotated[float, WithinRange(-1.0, 100000.0)] = -1.0
     principalPointY: Annotated[float, WithinRange(-1.0, 100000.0)] = -1.0
     sod: Annotated[float, WithinRange(0.0, 5000.0)] = 0.0
+    # a calibration file (MayaCam 2.0, OpenCV, CorrReg JSON): the camera, instead of sdd / principal point
+    calibrationPath: str = ""
     # initial pose
     initialPoseMode: InitialPoseMode = InitialPoseMode.ReferenceAP
     primaryAngle: Annotated[float, WithinRange(-180.0, 180.0)] = 0.0
@@ -228,6 +252,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showInitialPoseButton.connect("clicked(bool)", self.onShowInitialPose)
         self.ui.resetOffsetsButton.connect("clicked(bool)", self.onResetOffsets)
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
+        self.ui.calibrationBrowseButton.connect("clicked(bool)", self.onBrowseCalibration)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         for slider in (self.ui.rotationXSlider, self.ui.rotationYSlider, self.ui.rotationZSlider,
                        self.ui.translationXSlider, self.ui.translationYSlider, self.ui.translationZSlider):
@@ -342,6 +367,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localStartsSpinBox.enabled = bool(p and p.method == RegistrationMethod.Intensity) \
             and not running and not training
         self.ui.initialTransformSelector.enabled = bool(p and p.initialPoseMode == InitialPoseMode.Transform)
+        self.ui.fieldOfViewMaskSelector.enabled = bool(p and p.fieldOfView == FieldOfView.Mask)
         carm = bool(p and p.initialPoseMode == InitialPoseMode.CArmAngles)
         self.ui.primaryAngleSpinBox.enabled = carm
         self.ui.secondaryAngleSpinBox.enabled = carm
@@ -370,7 +396,19 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sdd=p.sdd if p.sdd > 0 else None,
             pixelSpacing=(p.pixelSpacingX, p.pixelSpacingY) if p.pixelSpacingX > 0 and p.pixelSpacingY > 0 else None,
             principalPoint=(p.principalPointX, p.principalPointY) if p.principalPointX >= 0 and p.principalPointY >= 0 else None,
+            calibration=p.calibrationPath.strip() or None,
         )
+
+    def _xrayArguments(self) -> dict:
+        """How the X-ray is made ready (polarity, field of view), as the logic's start() takes it."""
+        p = self._parameterNode
+        if p.fieldOfView == FieldOfView.Mask:
+            if p.fieldOfViewMask is None:
+                raise ValueError(_("Field of view: choose the mask's label map, or 'detected'"))
+            fieldOfView = p.fieldOfViewMask
+        else:
+            fieldOfView = p.fieldOfView.value
+        return dict(polarity=p.xrayPolarity.value, fieldOfView=fieldOfView)
 
     def _poseArguments(self) -> dict:
         """The initial pose as the logic's start() takes it (computed in the worker)."""
@@ -453,6 +491,12 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOpacityChanged(self, value) -> None:
         self.logic.setOverlayOpacity(value, _redSliceCompositeNode())
 
+    def onBrowseCalibration(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Calibration file"), "",
+                                              _("Calibrations (*.txt *.yml *.yaml *.json);;All files (*)"))
+        if path:
+            self._parameterNode.calibrationPath = path
+
     def onBrowseModel(self) -> None:
         path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Model folder"))
         if path:
@@ -490,7 +534,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.ctVolume, p.xrayVolume, p.outputTransform, method=p.method.value, camera=camera,
                 device=p.device.value, modelPath=p.modelPath or None, drrNode=p.drrVolume,
                 sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(), opacity=p.opacity,
-                invertXray=p.invertXray, background=True,
+                background=True, **self._xrayArguments(),
                 localStarts=p.localStarts if p.method == RegistrationMethod.Intensity else 0,
                 polish="bandpass_ncc" if p.polishBone else None,
                 **self._poseArguments())

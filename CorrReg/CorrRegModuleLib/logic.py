@@ -41,6 +41,7 @@ from .sceneview import DRR_XRAY_REFERENCE_ROLE, SceneViewMixin  # noqa: F401
 from .training import TrainingMixin
 from .worker import CTData, RegistrationEngine, RegistrationJob
 from .xraygeometry import XrayGeometryMixin
+from .xrayimage import fieldOfViewFrom, polarityFrom
 
 #: Registration methods, as CorrRegLib.register names them (GUI order); "auto" is the default:
 #: the network only where a model trained for this C-arm is given, else a global search.
@@ -77,8 +78,8 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
 
     @scene.setter
     def scene(self, scene):
-        if self._scene is not None and self._closeObservation is not None:
-            self._scene.RemoveObserver(self._closeObservation)
+        if self._closeObservation is not None:
+            self._closeObservation()  # the old scene's observer is removed
             self._closeObservation = None
         self._scene = scene
         if scene is not None:
@@ -90,7 +91,11 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
                 if logic is not None:
                     logic._onSceneStartClose()
 
-            self._closeObservation = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, onStartClose)
+            tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, onStartClose)
+            # Removed when the logic goes, before the scene can: a scene deleted with a Python
+            # observer calls it from its destructor, and inside Python's cycle collection (a run
+            # and its logic refer to each other) that call crashed the interpreter.
+            self._closeObservation = weakref.finalize(self, scene.RemoveObserver, tag)
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         """The nodes are about to go: stop without writing into them and free the memory."""
@@ -133,7 +138,8 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
               principalPoint=None, device="auto", modelPath=None, drrNode=None, createDRR=True,
               sliceCompositeNode=None, sliceNode=None, showInSliceView=True, opacity=0.5,
               invertXray=False, iterationsPerStep=2, drrUpdateInterval=0.5, progressCallback=None,
-              options=None, background=False, localStarts=0, polish=None) -> RegistrationRun:
+              options=None, background=False, localStarts=0, polish=None, polarity="auto",
+              fieldOfView="auto", calibration=None) -> RegistrationRun:
         """Validate the inputs, then run the set-up (CT conversion, initial pose, session) and set
         up the scene; returns the run.
 
@@ -149,7 +155,16 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         (RegistrationOptions.local_starts, min_rank_margin; 8 for real X-rays). ``polish`` (a
         similarity's name, "bandpass_ncc" for the GUI's box; None: off): for a CT that holds only
         bone seen in two or more views, L-BFGS to convergence after the refinement
-        (RegistrationOptions.bone_only_polish). Nothing in the scene changes if this raises.
+        (RegistrationOptions.bone_only_polish).
+
+        The X-ray as it comes (``xrayimage``; applied in the worker, the node's pixels untouched):
+        ``polarity`` "auto" (detected), "bright" or "dark" (inverted; ``invertXray=True`` is the
+        same); ``fieldOfView`` "auto" (the intensifier's disc, collimator blades and flat borders
+        detected), "none" (every pixel), or a label map node of the X-ray's pixels (non-zero =
+        use). Only the pixels inside the field of view are compared, in every stage and in the
+        verification. ``calibration``: a calibration file (MayaCam 2.0, OpenCV YAML / JSON or a
+        CorrReg camera JSON) for the camera, used when ``camera`` is not given. Nothing in the
+        scene changes if this raises.
         """
         previous = self.currentRun
         if previous is not None and not previous.finished and not previous.stopped:
@@ -169,7 +184,9 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
             from CorrRegLib.register import RegistrationOptions
             options = replace(options or RegistrationOptions(), **changes)
         self._checkInputs(ctNode, xrayNode)
-        cam = self.cameraForNode(xrayNode, camera, sdd, pixelSpacing, principalPoint)
+        polarity = polarityFrom(polarity, invertXray)
+        fieldOfView = fieldOfViewFrom(fieldOfView, xrayNode)
+        cam = self.cameraForNode(xrayNode, camera, sdd, pixelSpacing, principalPoint, calibration=calibration)
         if initialTransformNode is not None:
             if not initialTransformNode.IsA("vtkMRMLTransformNode") or not initialTransformNode.IsLinear():
                 raise ValueError(f"the initial transform '{initialTransformNode.GetName()}' must be a linear transform")
@@ -196,10 +213,8 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
                         geo.get("secondaryAngle", 0.0) if secondaryAngle is None else secondaryAngle,
                         tuple(float(v) for v in rotationOffsetDeg), tuple(float(v) for v in translationOffsetMm))
         xrayArray = adapter.xrayArrayFromNode(xrayNode)
-        if invertXray:
-            xrayArray = (xrayArray.max() + xrayArray.min()) - xrayArray
         job = RegistrationJob(self.ctData(ctNode), xrayArray, cam, spec, method, str(device), modelDir, options,
-                              float(drrUpdateInterval))
+                              float(drrUpdateInterval), polarity, fieldOfView)
         sceneArgs = dict(ctNode=ctNode, xrayNode=xrayNode, outputTransformNode=outputTransformNode, camera=cam,
                          drrNode=drrNode, createDRR=createDRR, sliceCompositeNode=sliceCompositeNode,
                          sliceNode=sliceNode, showInSliceView=showInSliceView, opacity=opacity)

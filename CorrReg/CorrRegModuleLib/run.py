@@ -32,6 +32,7 @@ class RunOptions:
     iterationsPerStep: int = 2
     drrUpdateInterval: float = 0.5
     pipelineNote: str = ""
+    xrayNote: str = ""  # what was done to the X-ray: polarity, field of view (xrayimage.preparationNote)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class RegistrationRun:
         self._lastPose = None
         self._finalDRRShown = False
         self._cancelRequested = False
+        self.xrayInfo: dict | None = None  # the worker's polarity and field-of-view decisions (on Ready)
+        self.fieldOfViewMask = None  # bool (H, W) numpy array of the pixels used, None: all of them
         self._abandoned = False
         self._worker = WorkerThread(engine) if background else None
         if background:
@@ -113,6 +116,11 @@ class RegistrationRun:
     @property
     def pipelineNote(self) -> str:
         return self.options.pipelineNote
+
+    @property
+    def xrayNote(self) -> str:
+        """What was done to the X-ray before registering (polarity, field of view); "" until set up."""
+        return self.options.xrayNote
 
     @property
     def outputTransformNode(self):
@@ -232,6 +240,8 @@ class RegistrationRun:
             if evidence.get("rank_margin") is not None:
                 text += (f", the next basin ({evidence['rival_mm']:.0f} mm away on the bone) leaves "
                          f"{100 * evidence['rank_margin']:.0f} % more of the images unexplained")
+        if self.options.xrayNote:
+            text += f". {self.options.xrayNote}"
         if r.flagged:
             text += f". Check the result: {r.message}"
         return text
@@ -244,6 +254,8 @@ class RegistrationRun:
             self.options.initialPose = m.initialPose
             self.options.device = m.device
             self.options.pipelineNote = m.pipelineNote
+            self.options.xrayNote = m.xrayNote
+            self.xrayInfo, self.fieldOfViewMask = m.xrayInfo, m.fieldOfViewMask
             self.nodes = self.logic._setUpScene(**self._sceneArgs)
             self._showPose(adapter._toNumpyPose(m.initialPose))
         elif isinstance(m, Progress):

@@ -55,6 +55,8 @@ class RegistrationJob:
     modelDir: str | None = None
     options: object = None
     liveDRRInterval: float = 0.5
+    polarity: str = "auto"  # xrayimage.POLARITIES
+    fieldOfView: object = "auto"  # "auto", "none" or a bool (H, W) array (xrayimage.fieldOfViewFrom)
 
 
 # ---- messages (worker -> main thread) ----------------------------------------------------------
@@ -64,6 +66,9 @@ class Ready:
     pipelineNote: str
     device: str
     plannedIterations: int
+    xrayNote: str = ""  # what was done to the X-ray (xrayimage.preparationNote)
+    xrayInfo: dict | None = None  # prepare_image's polarity and field-of-view decisions
+    fieldOfViewMask: np.ndarray | None = None  # bool (H, W), True = used; None: every pixel
 
 
 @dataclass
@@ -129,10 +134,14 @@ class RegistrationEngine:
         return self._cancel.is_set()
 
     def setUp(self) -> Ready:
-        """CT conversion, bone check, initial pose, session and projectors. Raises ValueError on bad input."""
+        """CT conversion, bone check, the X-ray made ready (field of view, polarity), initial pose,
+        session and projectors. Raises ValueError on bad input."""
         import torch
         from CorrRegLib.device import pick_device
+        from CorrRegLib.preprocess import prepare_image
         from CorrRegLib.register import RegistrationSession
+
+        from .xrayimage import preparationNote
 
         job = self.job
         volume = job.ct.toVolume()
@@ -145,14 +154,16 @@ class RegistrationEngine:
         pose0 = poseFromSpec(job.pose, job.camera, iso)
         dev = pick_device(job.device)
         kwargs = {} if job.options is None else {"options": job.options}
-        session = RegistrationSession(volume, torch.from_numpy(job.xray), job.camera, pose0, method=job.method,
-                                      device=dev, model_dir=job.modelDir, **kwargs)
+        image, mask, inverted, info = prepare_image(job.xray, job.polarity, job.fieldOfView)
+        session = RegistrationSession(volume, image, job.camera, pose0, method=job.method, device=dev,
+                                      model_dir=job.modelDir, mask=None if mask is None else torch.from_numpy(mask),
+                                      **kwargs)
         self.volume, self.session = volume, session
         self.renderer = DRRRenderer(volume, job.camera, device=dev)
         if self.cancelled:
             session.cancel()
         ready = Ready(pose0, str(getattr(session, "pipeline_note", job.method)), str(dev),
-                      int(session.planned_iterations))
+                      int(session.planned_iterations), preparationNote(info, inverted), info, mask)
         self.post(ready)
         start = _pose(pose0)
         self.post(LiveDRR(start, self.renderer.render(start)))

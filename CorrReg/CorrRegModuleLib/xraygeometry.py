@@ -106,17 +106,26 @@ class XrayGeometryMixin:
                 return path
         return None
 
-    def cameraForNode(self, xrayNode, camera=None, sdd=None, pixelSpacing=None, principalPoint=None):
-        """The ``Camera`` of the X-ray: explicit values > ``camera`` > what the node/file say.
+    def cameraForNode(self, xrayNode, camera=None, sdd=None, pixelSpacing=None, principalPoint=None,
+                      calibration=None):
+        """The ``Camera`` of the X-ray: explicit values > ``camera`` > ``calibration`` > what the
+        node/file say.
 
-        ``camera`` may be a CorrRegLib Camera or a camera JSON dict. Raises ValueError when the
-        source-to-detector distance is not known or the geometry does not fit the image.
+        ``camera`` may be a CorrRegLib Camera or a camera JSON dict; ``calibration`` a calibration
+        file (``CorrRegLib.io.read_calibration``: MayaCam 2.0, OpenCV K / R / t in YAML or JSON, a
+        CorrReg camera JSON), checked against the image's size. With a calibration, ``pixelSpacing``
+        (default: the node's spacing) sets the physical pixel size and keeps the calibrated
+        projection (the source-to-detector distance scales with it). Raises ValueError when the source-to-detector distance is not
+        known or the geometry does not fit the image.
         """
         from CorrRegLib.geometry import Camera
 
         w, h = adapter.checkXrayNode(xrayNode)
         if isinstance(camera, dict):
             camera = Camera.from_dict(camera)
+        if camera is None and calibration:
+            camera = self.cameraFromCalibration(xrayNode, calibration, pixelSpacing)
+            pixelSpacing = None
         geo = self.cameraGeometryFromNode(xrayNode) if camera is None else {}
         if camera is not None:
             geo.update(sdd=camera.sdd, pixelSpacing=camera.pixel_spacing, principalPoint=camera.principal_point)
@@ -141,3 +150,25 @@ class XrayGeometryMixin:
                           principal_point=geo.get("principalPoint"))
         except ValueError as e:
             raise ValueError(f"invalid camera geometry for the X-ray '{xrayNode.GetName()}': {e}") from None
+
+    @staticmethod
+    def cameraFromCalibration(xrayNode, path, pixelSpacing=None):
+        """The ``Camera`` a calibration file gives the X-ray (ValueError with the file's problem).
+
+        An intrinsic matrix fixes the projection, not the physical pixel size: that is
+        ``pixelSpacing`` when given, else the node's spacing (the source-to-detector distance is
+        fx times it)."""
+        from CorrRegLib.io import read_calibration
+
+        w, h = adapter.checkXrayNode(xrayNode)
+        if pixelSpacing is None or not all(adapter.isFinitePositive(v) for v in pixelSpacing):
+            pixelSpacing = xrayNode.GetSpacing()[:2]  # how the node is shown; 1 mm for most TIFFs
+        spacing = tuple(float(v) for v in pixelSpacing)
+        try:
+            cal = read_calibration(os.fspath(path), image_size=(w, h), pixel_spacing=spacing)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"the calibration of the X-ray '{xrayNode.GetName()}' cannot be used: {e}") from None
+        if cal.distortion is not None and any(abs(float(c)) > 0 for c in cal.distortion):
+            logging.warning(f"CorrReg: {path} lists lens distortion {cal.distortion}; CorrReg models none, so the "
+                            "X-ray must already be undistorted")
+        return cal.camera
