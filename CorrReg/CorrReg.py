@@ -30,6 +30,7 @@ from slicer.util import VTKObservationMixin
 
 from CorrRegModuleLib.logic import CorrRegLogicCore
 from CorrRegModuleLib.panel import XrayGeometryFiller
+from CorrRegModuleLib.xrayimage import OtherView
 
 try:
     from slicer.i18n import tr as _
@@ -158,6 +159,9 @@ class CorrRegParameterNode:
     xrayPolarity: XrayPolarity = XrayPolarity.Auto
     fieldOfView: FieldOfView = FieldOfView.Detect
     fieldOfViewMask: vtkMRMLLabelMapVolumeNode
+    # biplane: a second calibrated X-ray of the same moment (both views registered to one pose)
+    secondXrayVolume: vtkMRMLScalarVolumeNode
+    secondCalibrationPath: str = ""
     # camera geometry (0 / -1: take it from the X-ray node, see CorrRegLogicCore.cameraForNode)
     sdd: Annotated[float, WithinRange(0.0, 5000.0)] = 0.0
     pixelSpacingX: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
@@ -252,7 +256,8 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showInitialPoseButton.connect("clicked(bool)", self.onShowInitialPose)
         self.ui.resetOffsetsButton.connect("clicked(bool)", self.onResetOffsets)
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
-        self.ui.calibrationBrowseButton.connect("clicked(bool)", self.onBrowseCalibration)
+        self.ui.calibrationBrowseButton.connect("clicked(bool)", lambda: self.onBrowseCalibration(second=False))
+        self.ui.secondCalibrationBrowseButton.connect("clicked(bool)", lambda: self.onBrowseCalibration(second=True))
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         for slider in (self.ui.rotationXSlider, self.ui.rotationYSlider, self.ui.rotationZSlider,
                        self.ui.translationXSlider, self.ui.translationYSlider, self.ui.translationZSlider):
@@ -408,7 +413,11 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             fieldOfView = p.fieldOfViewMask
         else:
             fieldOfView = p.fieldOfView.value
-        return dict(polarity=p.xrayPolarity.value, fieldOfView=fieldOfView)
+        others = []
+        if p.secondXrayVolume is not None:  # its field of view: detected, unless the whole image is asked for
+            others.append(OtherView(p.secondXrayVolume, p.secondCalibrationPath.strip() or None, p.xrayPolarity.value,
+                                    "none" if p.fieldOfView == FieldOfView.WholeImage else "auto"))
+        return dict(polarity=p.xrayPolarity.value, fieldOfView=fieldOfView, otherViews=others)
 
     def _poseArguments(self) -> dict:
         """The initial pose as the logic's start() takes it (computed in the worker)."""
@@ -491,10 +500,12 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOpacityChanged(self, value) -> None:
         self.logic.setOverlayOpacity(value, _redSliceCompositeNode())
 
-    def onBrowseCalibration(self) -> None:
+    def onBrowseCalibration(self, second: bool = False) -> None:
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Calibration file"), "",
                                               _("Calibrations (*.txt *.yml *.yaml *.json);;All files (*)"))
-        if path:
+        if path and second:
+            self._parameterNode.secondCalibrationPath = path
+        elif path:
             self._parameterNode.calibrationPath = path
 
     def onBrowseModel(self) -> None:
@@ -529,12 +540,17 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         try:
-            camera = self.logic.cameraForNode(p.xrayVolume, **self._cameraArguments())
+            xrayArguments = self._xrayArguments()
+            if xrayArguments["otherViews"]:  # biplane: every camera from its calibration file
+                cameraArguments = {k: v for k, v in self._cameraArguments().items()
+                                   if k in ("calibration", "pixelSpacing")}
+            else:
+                cameraArguments = {"camera": self.logic.cameraForNode(p.xrayVolume, **self._cameraArguments())}
             self.logic.start(
-                p.ctVolume, p.xrayVolume, p.outputTransform, method=p.method.value, camera=camera,
+                p.ctVolume, p.xrayVolume, p.outputTransform, method=p.method.value,
                 device=p.device.value, modelPath=p.modelPath or None, drrNode=p.drrVolume,
                 sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(), opacity=p.opacity,
-                background=True, **self._xrayArguments(),
+                background=True, **cameraArguments, **xrayArguments,
                 localStarts=p.localStarts if p.method == RegistrationMethod.Intensity else 0,
                 polish="bandpass_ncc" if p.polishBone else None,
                 **self._poseArguments())

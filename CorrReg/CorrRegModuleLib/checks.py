@@ -13,7 +13,7 @@ def nodesOfClass(scene, className):
 class ChecksMixin:
     """Validation of the nodes a registration uses; part of ``CorrRegLogicCore``."""
 
-    def _checkOutputTransform(self, outputTransformNode, ctNode, xrayNode, drrNode):
+    def _checkOutputTransform(self, outputTransformNode, ctNode, xrayNode, drrNode, otherXrayNodes=()):
         if outputTransformNode is None:
             return
         if not outputTransformNode.IsA("vtkMRMLLinearTransformNode"):
@@ -27,7 +27,7 @@ class ChecksMixin:
                     f"of the CT '{ctNode.GetName()}', so the result would move the CT itself. Choose or create another "
                     "transform node")
             parent = parent.GetParentTransformNode()
-        allowed = {xrayNode.GetID()}
+        allowed = {xrayNode.GetID()} | {n.GetID() for n in otherXrayNodes}
         if drrNode is not None:
             allowed.add(drrNode.GetID())
         for node in nodesOfClass(self.scene, "vtkMRMLVolumeNode"):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import weakref
 
+import numpy as np
 import slicer
 
 from . import adapter
@@ -39,9 +40,9 @@ from .preview import PreviewMixin
 from .run import RegistrationRun, RunOptions, StepInfo  # noqa: F401
 from .sceneview import DRR_XRAY_REFERENCE_ROLE, SceneViewMixin  # noqa: F401
 from .training import TrainingMixin
-from .worker import CTData, RegistrationEngine, RegistrationJob
+from .worker import CTData, RegistrationEngine, RegistrationJob, ViewJob
 from .xraygeometry import XrayGeometryMixin
-from .xrayimage import fieldOfViewFrom, polarityFrom
+from .xrayimage import OtherView, fieldOfViewFrom, polarityFrom
 
 #: Registration methods, as CorrRegLib.register names them (GUI order); "auto" is the default:
 #: the network only where a model trained for this C-arm is given, else a global search.
@@ -139,7 +140,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
               sliceCompositeNode=None, sliceNode=None, showInSliceView=True, opacity=0.5,
               invertXray=False, iterationsPerStep=2, drrUpdateInterval=0.5, progressCallback=None,
               options=None, background=False, localStarts=0, polish=None, polarity="auto",
-              fieldOfView="auto", calibration=None) -> RegistrationRun:
+              fieldOfView="auto", calibration=None, otherViews=()) -> RegistrationRun:
         """Validate the inputs, then run the set-up (CT conversion, initial pose, session) and set
         up the scene; returns the run.
 
@@ -163,8 +164,16 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         detected), "none" (every pixel), or a label map node of the X-ray's pixels (non-zero =
         use). Only the pixels inside the field of view are compared, in every stage and in the
         verification. ``calibration``: a calibration file (MayaCam 2.0, OpenCV YAML / JSON or a
-        CorrReg camera JSON) for the camera, used when ``camera`` is not given. Nothing in the
-        scene changes if this raises.
+        CorrReg camera JSON) for the camera, used when ``camera`` is not given.
+
+        ``otherViews`` (biplane): ``xrayimage.OtherView`` s, more X-rays of the same moment, each
+        with a calibration file that places its camera in the same world as ``calibration``'s
+        (both with extrinsics: MayaCam, OpenCV R / t). One pose is estimated from all views
+        (summed similarities, one search, one verification); the output transform stays the
+        reference view's camera pose, each other X-ray is placed under a fixed transform below it
+        (its camera relative to the reference's) with its own DRR, and ``run.result.pose`` is
+        world_from_ct (``view_poses``: each camera_from_ct). Nothing in the scene changes if
+        this raises.
         """
         previous = self.currentRun
         if previous is not None and not previous.finished and not previous.stopped:
@@ -186,12 +195,18 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         self._checkInputs(ctNode, xrayNode)
         polarity = polarityFrom(polarity, invertXray)
         fieldOfView = fieldOfViewFrom(fieldOfView, xrayNode)
-        cam = self.cameraForNode(xrayNode, camera, sdd, pixelSpacing, principalPoint, calibration=calibration)
+        others, cameraFromWorld = (), None
+        if otherViews:
+            cam, cameraFromWorld, others = self._checkOtherViews(ctNode, xrayNode, otherViews, method, camera,
+                                                                 calibration, sdd, principalPoint, pixelSpacing)
+        else:
+            cam = self.cameraForNode(xrayNode, camera, sdd, pixelSpacing, principalPoint, calibration=calibration)
         if initialTransformNode is not None:
             if not initialTransformNode.IsA("vtkMRMLTransformNode") or not initialTransformNode.IsLinear():
                 raise ValueError(f"the initial transform '{initialTransformNode.GetName()}' must be a linear transform")
             adapter.poseArrayFromTransformNode(initialTransformNode)  # rigid check
-        self._checkOutputTransform(outputTransformNode, ctNode, xrayNode, drrNode)
+        self._checkOutputTransform(outputTransformNode, ctNode, xrayNode, drrNode,
+                                   [job.xrayNode for job, _ in others])
         modelDir = None
         if modelPath:
             modelPath = os.fspath(modelPath)
@@ -213,11 +228,16 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
                         geo.get("secondaryAngle", 0.0) if secondaryAngle is None else secondaryAngle,
                         tuple(float(v) for v in rotationOffsetDeg), tuple(float(v) for v in translationOffsetMm))
         xrayArray = adapter.xrayArrayFromNode(xrayNode)
+        viewJobs = tuple(ViewJob(adapter.xrayArrayFromNode(v.xrayNode), c.camera, c.camera_from_world.numpy(),
+                                 v.polarity, v.fieldOfView, v.xrayNode.GetName()) for v, c in others)
         job = RegistrationJob(self.ctData(ctNode), xrayArray, cam, spec, method, str(device), modelDir, options,
-                              float(drrUpdateInterval), polarity, fieldOfView)
+                              float(drrUpdateInterval), polarity, fieldOfView, cameraFromWorld, viewJobs,
+                              xrayNode.GetName())
         sceneArgs = dict(ctNode=ctNode, xrayNode=xrayNode, outputTransformNode=outputTransformNode, camera=cam,
                          drrNode=drrNode, createDRR=createDRR, sliceCompositeNode=sliceCompositeNode,
-                         sliceNode=sliceNode, showInSliceView=showInSliceView, opacity=opacity)
+                         sliceNode=sliceNode, showInSliceView=showInSliceView, opacity=opacity,
+                         otherViews=[(v.xrayNode, c.camera, c.camera_from_world.numpy() @ np.linalg.inv(cameraFromWorld))
+                                     for v, c in others])
         options_ = RunOptions(method, str(device), cam, None, int(iterationsPerStep), float(drrUpdateInterval))
         # 3. the set-up (here, or in the worker) and, once it succeeded, the scene
         run = RegistrationRun(self, RegistrationEngine(job), options_, sceneArgs, background, progressCallback)
@@ -225,6 +245,41 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
             previous.abandon() if not previous.finished else previous.release()
         self.currentRun = run
         return run
+
+    def _checkOtherViews(self, ctNode, xrayNode, otherViews, method, camera, calibration, sdd, principalPoint,
+                         pixelSpacing):
+        """(reference camera, its camera_from_world (4, 4) numpy, [(OtherView, Calibration)]) for
+        a biplane run, every view checked (ValueError before the scene changes)."""
+        if str(method).lower() in ("network", "hybrid"):
+            raise ValueError(f"method {method!r} runs on one X-ray; choose Automatic, Intensity or CMA-ES for "
+                             "several views")
+        if camera is not None or sdd is not None or principalPoint is not None or not calibration:
+            raise ValueError("several views take each camera from its calibration file, which places it in the "
+                             "calibration's world: give calibration= for the first X-ray (not camera=, sdd= or "
+                             "principalPoint=)")
+        ref = self.calibrationForNode(xrayNode, calibration, pixelSpacing)
+        if ref.camera_from_world is None:
+            raise ValueError(f"the calibration {calibration} of the X-ray '{xrayNode.GetName()}' has no camera pose "
+                             "(rotation and translation): several views need it in every calibration")
+        seen = {xrayNode.GetID(), ctNode.GetID()}
+        out = []
+        for v in otherViews:
+            if not isinstance(v, OtherView):
+                raise ValueError(f"other views are xrayimage.OtherView(xrayNode, calibration), got {type(v).__name__}")
+            adapter.checkXrayNode(v.xrayNode)
+            if v.xrayNode.GetID() in seen:
+                raise ValueError(f"the X-ray '{v.xrayNode.GetName()}' is given twice (or is the CT)")
+            seen.add(v.xrayNode.GetID())
+            if not v.calibration:
+                raise ValueError(f"the X-ray '{v.xrayNode.GetName()}' needs its calibration file")
+            cal = self.calibrationForNode(v.xrayNode, v.calibration, v.pixelSpacing)
+            if cal.camera_from_world is None:
+                raise ValueError(f"the calibration {v.calibration} of the X-ray '{v.xrayNode.GetName()}' has no "
+                                 "camera pose (rotation and translation): several views need it in every calibration")
+            v = OtherView(v.xrayNode, v.calibration, polarityFrom(v.polarity), fieldOfViewFrom(v.fieldOfView, v.xrayNode),
+                          v.pixelSpacing)
+            out.append((v, cal))
+        return ref.camera, ref.camera_from_world.numpy(), out
 
     @staticmethod
     def _checkLocalStarts(localStarts, method: str) -> int:

@@ -70,8 +70,14 @@ class RegistrationRun:
         self._lastPose = None
         self._finalDRRShown = False
         self._cancelRequested = False
-        self.xrayInfo: dict | None = None  # the worker's polarity and field-of-view decisions (on Ready)
-        self.fieldOfViewMask = None  # bool (H, W) numpy array of the pixels used, None: all of them
+        # The worker's polarity and field-of-view decisions and the pixels used (bool (H, W) numpy,
+        # None: all of them), set on Ready: of the reference X-ray, and per view (biplane: the
+        # reference first, then the other views in order).
+        self.xrayInfo: dict | None = None
+        self.fieldOfViewMask = None
+        self.xrayInfos: list = []
+        self.fieldOfViewMasks: list = []
+        self._finalDRRsShown = 0
         self._abandoned = False
         self._worker = WorkerThread(engine) if background else None
         if background:
@@ -255,7 +261,9 @@ class RegistrationRun:
             self.options.device = m.device
             self.options.pipelineNote = m.pipelineNote
             self.options.xrayNote = m.xrayNote
-            self.xrayInfo, self.fieldOfViewMask = m.xrayInfo, m.fieldOfViewMask
+            self.xrayInfos, self.fieldOfViewMasks = list(m.xrayInfo or []), list(m.fieldOfViewMasks or [])
+            self.xrayInfo = self.xrayInfos[0] if self.xrayInfos else None
+            self.fieldOfViewMask = self.fieldOfViewMasks[0] if self.fieldOfViewMasks else None
             self.nodes = self.logic._setUpScene(**self._sceneArgs)
             self._showPose(adapter._toNumpyPose(m.initialPose))
         elif isinstance(m, Progress):
@@ -266,14 +274,15 @@ class RegistrationRun:
             if self.progressCallback is not None and self.progressCallback(info) is False:
                 self.cancel()
         elif isinstance(m, LiveDRR):
-            self._showDRR(m.image)
+            self._showDRR(m.image, m.view)
         elif isinstance(m, Finished):
             self.result = m.result
             self.wallTime = time.perf_counter() - self.startTime
             self._showPose(m.pose)
         elif isinstance(m, FinalDRR):
-            self._showDRR(m.image)
-            self._finalDRRShown = True
+            self._showDRR(m.image, m.view)
+            self._finalDRRsShown += 1
+            self._finalDRRShown = self._finalDRRsShown >= 1 + len(self.nodes.get("otherDRRs", ()))
         elif isinstance(m, Failed):
             self.error = m.error
             self.errorDetails = m.details
@@ -289,8 +298,9 @@ class RegistrationRun:
             self._lastPose = pose
             self.logic._alignSliceView(self.nodes)
 
-    def _showDRR(self, image) -> None:
-        drr = self.nodes.get("drr")
+    def _showDRR(self, image, view: int = 0) -> None:
+        others = self.nodes.get("otherDRRs", ())
+        drr = self.nodes.get("drr") if view == 0 else (others[view - 1] if view <= len(others) else None)
         if drr is None or image is None:
             return
         self.logic.showDRRImage(drr, image)

@@ -12,6 +12,8 @@ from .checks import nodesOfClass
 
 #: Node reference role from a DRR volume to the X-ray it simulates.
 DRR_XRAY_REFERENCE_ROLE = "CorrReg.Xray"
+#: CorrReg.Role of the fixed transform that places another view's camera (biplane).
+VIEW_ROLE = "View"
 #: The attribute older versions used for the same link (a node ID, not remapped on scene import).
 LEGACY_DRR_XRAY_ID_ATTRIBUTE = "CorrReg.XrayNodeID"
 #: Margin around the X-ray when the slice view is fitted to it.
@@ -155,9 +157,57 @@ class SceneViewMixin:
         sliceNode = nodes.get("slice")
         if sliceNode is not None and nodes.get("xray") is not None:
             self.alignSliceNodeToImage(sliceNode, nodes["xray"])
+        for sliceNode, xray in nodes.get("otherSlices", ()):
+            self.alignSliceNodeToImage(sliceNode, xray)
+
+    def _viewTransformNode(self, xrayNode, outputTransformNode, cameraFromReference):
+        """The fixed transform placing another view's camera relative to the reference camera
+        (matrix to parent: reference_from_camera in camera-local RAS), under the output transform;
+        reused for the same X-ray (node reference ``CorrReg.Xray``)."""
+        node = None
+        for candidate in nodesOfClass(self.scene, "vtkMRMLLinearTransformNode"):
+            ref = candidate.GetNodeReference(DRR_XRAY_REFERENCE_ROLE)
+            if candidate.GetAttribute(adapter.ROLE_ATTRIBUTE) == VIEW_ROLE and ref is not None \
+                    and ref.GetID() == xrayNode.GetID():
+                node = candidate
+                break
+        if node is None:
+            node = self.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode",
+                                                self.scene.GenerateUniqueName(f"{xrayNode.GetName()} camera"))
+            node.SetAttribute(adapter.ROLE_ATTRIBUTE, VIEW_ROLE)
+            node.SetNodeReferenceID(DRR_XRAY_REFERENCE_ROLE, xrayNode.GetID())
+        adapter.setTransformNodeFromPose(node, cameraFromReference)
+        node.SetAndObserveTransformNodeID(outputTransformNode.GetID())
+        return node
+
+    def _setUpOtherViews(self, nodes, otherViews, createDRR, showInSliceView, opacity):
+        """Each other view's X-ray on its detector plane under its camera's fixed transform, its
+        DRR beside it, and (when the scene has them) the Yellow, then Green, slice views."""
+        nodes["otherXrays"], nodes["otherDRRs"], nodes["viewTransforms"] = [], [], []
+        layouts = iter(("Yellow", "Green"))
+        for xray, camera, cameraFromReference in otherViews:
+            transform = self._viewTransformNode(xray, nodes["outputTransform"], cameraFromReference)
+            adapter.placeXrayNode(xray, camera, transform)
+            drr = self._prepareDRRNode(None, xray, transform) if createDRR else None
+            nodes["otherXrays"].append(xray)
+            nodes["viewTransforms"].append(transform)
+            if drr is not None:
+                nodes["otherDRRs"].append(drr)
+            layout = next(layouts, None)
+            composite = self.scene.GetNodeByID(f"vtkMRMLSliceCompositeNode{layout}") if layout else None
+            if showInSliceView and composite is not None:
+                composite, sliceNode = self._resolveSliceNodes(composite, None, True)
+                wasModifying = composite.StartModify()
+                composite.SetBackgroundVolumeID(xray.GetID())
+                composite.SetForegroundVolumeID(drr.GetID() if drr is not None else None)
+                composite.SetForegroundOpacity(float(opacity))
+                composite.EndModify(wasModifying)
+                if sliceNode is not None:
+                    self.alignSliceNodeToImage(sliceNode, xray, fit=True)
+                    nodes.setdefault("otherSlices", []).append((sliceNode, xray))
 
     def _setUpScene(self, ctNode, xrayNode, outputTransformNode, camera, drrNode, createDRR,
-                    sliceCompositeNode, sliceNode, showInSliceView, opacity):
+                    sliceCompositeNode, sliceNode, showInSliceView, opacity, otherViews=()):
         scene = self.scene
         if outputTransformNode is None:
             outputTransformNode = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode",
@@ -177,4 +227,6 @@ class SceneViewMixin:
             nodes["slice"] = sliceNode
         if composite is not None or sliceNode is not None:
             self.showInSliceView(xrayNode, nodes.get("drr"), composite, sliceNode, opacity)
+        if otherViews:
+            self._setUpOtherViews(nodes, otherViews, createDRR or drrNode is not None, showInSliceView, opacity)
         return nodes

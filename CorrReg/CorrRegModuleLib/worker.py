@@ -45,7 +45,23 @@ class CTData:
 
 
 @dataclass
+class ViewJob:
+    """One more calibrated X-ray of the same moment (biplane), as plain data."""
+
+    xray: np.ndarray  # (H, W) float32
+    camera: object
+    cameraFromWorld: np.ndarray  # (4, 4) float64: the calibration's world to this camera (LPS, mm)
+    polarity: str = "auto"
+    fieldOfView: object = "auto"
+    name: str = "X-ray"
+
+
+@dataclass
 class RegistrationJob:
+    """One registration as plain data. With ``others`` (biplane) ``cameraFromWorld`` places the
+    reference camera (``camera``) in the calibration's world too; the pose the run shows stays
+    camera_from_ct of the reference view, the session estimates world_from_ct from all views."""
+
     ct: CTData
     xray: np.ndarray  # (H, W) float32
     camera: object
@@ -57,6 +73,9 @@ class RegistrationJob:
     liveDRRInterval: float = 0.5
     polarity: str = "auto"  # xrayimage.POLARITIES
     fieldOfView: object = "auto"  # "auto", "none" or a bool (H, W) array (xrayimage.fieldOfViewFrom)
+    cameraFromWorld: np.ndarray | None = None
+    others: tuple = ()  # ViewJob, one per other view
+    name: str = "X-ray"
 
 
 # ---- messages (worker -> main thread) ----------------------------------------------------------
@@ -66,9 +85,9 @@ class Ready:
     pipelineNote: str
     device: str
     plannedIterations: int
-    xrayNote: str = ""  # what was done to the X-ray (xrayimage.preparationNote)
-    xrayInfo: dict | None = None  # prepare_image's polarity and field-of-view decisions
-    fieldOfViewMask: np.ndarray | None = None  # bool (H, W), True = used; None: every pixel
+    xrayNote: str = ""  # what was done to the X-ray(s) (xrayimage.preparationNote)
+    xrayInfo: list | None = None  # per view: prepare_image's polarity and field-of-view decisions
+    fieldOfViewMasks: list | None = None  # per view: bool (H, W), True = used; None: every pixel
 
 
 @dataclass
@@ -85,6 +104,7 @@ class Progress:
 class LiveDRR:
     pose: np.ndarray
     image: np.ndarray
+    view: int = 0  # 0: the reference X-ray, k: job.others[k - 1]
 
 
 @dataclass
@@ -97,6 +117,7 @@ class Finished:
 class FinalDRR:
     pose: np.ndarray
     image: np.ndarray
+    view: int = 0
 
 
 @dataclass
@@ -123,7 +144,9 @@ class RegistrationEngine:
         self.job = job
         self.post = post or (lambda message: None)
         self.session = None
-        self.renderer = None
+        self.renderers = []  # one per view
+        self._fromRef = []  # per view: (4, 4) camera_k_from_camera_0
+        self._toRef = None  # the session's world_from_ct -> camera_from_ct of the reference view (biplane)
         self.volume = None
         self._cancel = threading.Event()
         self._lastLive = -math.inf
@@ -154,32 +177,67 @@ class RegistrationEngine:
         pose0 = poseFromSpec(job.pose, job.camera, iso)
         dev = pick_device(job.device)
         kwargs = {} if job.options is None else {"options": job.options}
-        image, mask, inverted, info = prepare_image(job.xray, job.polarity, job.fieldOfView)
-        session = RegistrationSession(volume, image, job.camera, pose0, method=job.method, device=dev,
-                                      model_dir=job.modelDir, mask=None if mask is None else torch.from_numpy(mask),
-                                      **kwargs)
+        views = [(job.xray, job.camera, job.cameraFromWorld, job.polarity, job.fieldOfView, job.name)]
+        views += [(v.xray, v.camera, v.cameraFromWorld, v.polarity, v.fieldOfView, v.name) for v in job.others]
+        prepared = [prepare_image(x, pol, fov) for x, _, _, pol, fov, _ in views]
+        masks = [mask for _, mask, _, _ in prepared]
+        if job.others:
+            from CorrRegLib.geometry import invert_pose
+            from CorrRegLib.register import View
+
+            cfw = [torch.as_tensor(np.asarray(c), dtype=torch.float64) for _, _, c, _, _, _ in views]
+            regViews = [View(image, cam, c, None if mask is None else torch.from_numpy(mask), name)
+                        for (image, mask, _, _), (_, cam, _, _, _, name), c in zip(prepared, views, cfw)]
+            session = RegistrationSession(volume, initial_pose=invert_pose(cfw[0]) @ pose0, method=job.method,
+                                          device=dev, model_dir=job.modelDir, views=regViews, **kwargs)
+            self._toRef = lambda world, c0=cfw[0].numpy(): c0 @ world
+            self._fromRef = [c.numpy() @ np.linalg.inv(cfw[0].numpy()) for c in cfw]
+            note = "; ".join(preparationNote(info, inverted, name)
+                             for (_, _, inverted, info), (_, _, _, _, _, name) in zip(prepared, views))
+        else:
+            image, mask, inverted, info = prepared[0]
+            session = RegistrationSession(volume, image, job.camera, pose0, method=job.method, device=dev,
+                                          model_dir=job.modelDir, mask=None if mask is None else torch.from_numpy(mask),
+                                          **kwargs)
+            self._fromRef = [np.eye(4)]
+            note = preparationNote(info, inverted)
         self.volume, self.session = volume, session
-        self.renderer = DRRRenderer(volume, job.camera, device=dev)
+        self.renderers = [DRRRenderer(volume, cam, device=dev) for _, cam, _, _, _, _ in views]
         if self.cancelled:
             session.cancel()
         ready = Ready(pose0, str(getattr(session, "pipeline_note", job.method)), str(dev),
-                      int(session.planned_iterations), preparationNote(info, inverted), info, mask)
+                      int(session.planned_iterations), note, [info for _, _, _, info in prepared], masks)
         self.post(ready)
         start = _pose(pose0)
-        self.post(LiveDRR(start, self.renderer.render(start)))
+        self._postDRRs(LiveDRR, start)
         self._lastLive, self._lastLivePose = time.perf_counter(), start
         return ready
+
+    @property
+    def renderer(self):
+        """The reference view's DRR renderer (None before the set-up and after the release)."""
+        return self.renderers[0] if self.renderers else None
+
+    def _refPose(self, pose) -> np.ndarray:
+        """A session pose as the run shows it: camera_from_ct of the reference view."""
+        p = _pose(pose)
+        return p if self._toRef is None else self._toRef(p)
+
+    def _postDRRs(self, kind, pose: np.ndarray, full: bool = False) -> None:
+        """A DRR of every view at ``pose`` (camera_from_ct of the reference view)."""
+        for k, (renderer, fromRef) in enumerate(zip(self.renderers, self._fromRef)):
+            self.post(kind(pose, renderer.render(fromRef @ pose, full=full), k))
 
     def advance(self) -> Progress:
         """One session step; a live DRR at most every ``liveDRRInterval`` seconds."""
         st = self.session.step(1)
-        msg = Progress(_pose(st.pose), float(st.loss), str(st.stage), int(st.iteration), bool(st.done),
+        msg = Progress(self._refPose(st.pose), float(st.loss), str(st.stage), int(st.iteration), bool(st.done),
                        float(st.progress))
         self.post(msg)
         now = time.perf_counter()
         if (not st.done and now - self._lastLive >= self.job.liveDRRInterval
                 and (self._lastLivePose is None or not np.array_equal(msg.pose, self._lastLivePose))):
-            self.post(LiveDRR(msg.pose, self.renderer.render(msg.pose)))
+            self._postDRRs(LiveDRR, msg.pose)
             self._lastLive, self._lastLivePose = time.perf_counter(), msg.pose
         return msg
 
@@ -194,10 +252,10 @@ class RegistrationEngine:
             s.cancel()
             s.step(1)  # a cancelled session finishes without computing
         result = s.result()
-        finished = Finished(result, _pose(result.pose))
+        finished = Finished(result, self._refPose(result.pose))
         self.post(finished)
         if finalDRR:
-            self.post(FinalDRR(finished.pose, self.renderer.render(finished.pose, full=True)))
+            self._postDRRs(FinalDRR, finished.pose, full=True)
         return finished
 
     def cancel(self) -> None:
@@ -208,7 +266,8 @@ class RegistrationEngine:
 
     def release(self) -> None:
         """Drop the session, the projectors and the CT copy."""
-        self.session = self.renderer = self.volume = None
+        self.session = self.volume = None
+        self.renderers = []
 
     def releaseInBackground(self) -> None:
         """``release`` in a short-lived thread: freeing a 512^3 CT and its projectors takes a few

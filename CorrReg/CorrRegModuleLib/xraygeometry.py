@@ -151,13 +151,19 @@ class XrayGeometryMixin:
         except ValueError as e:
             raise ValueError(f"invalid camera geometry for the X-ray '{xrayNode.GetName()}': {e}") from None
 
-    @staticmethod
-    def cameraFromCalibration(xrayNode, path, pixelSpacing=None):
+    @classmethod
+    def cameraFromCalibration(cls, xrayNode, path, pixelSpacing=None):
         """The ``Camera`` a calibration file gives the X-ray (ValueError with the file's problem).
 
         An intrinsic matrix fixes the projection, not the physical pixel size: that is
         ``pixelSpacing`` when given, else the node's spacing (the source-to-detector distance is
         fx times it)."""
+        return cls.calibrationForNode(xrayNode, path, pixelSpacing).camera
+
+    @staticmethod
+    def calibrationForNode(xrayNode, path, pixelSpacing=None):
+        """``CorrRegLib.io.Calibration`` of the X-ray from a calibration file: its camera (pixel
+        size as in ``cameraFromCalibration``) and ``camera_from_world`` (None without extrinsics)."""
         from CorrRegLib.io import read_calibration
 
         w, h = adapter.checkXrayNode(xrayNode)
@@ -171,4 +177,4 @@ class XrayGeometryMixin:
         if cal.distortion is not None and any(abs(float(c)) > 0 for c in cal.distortion):
             logging.warning(f"CorrReg: {path} lists lens distortion {cal.distortion}; CorrReg models none, so the "
                             "X-ray must already be undistorted")
-        return cal.camera
+        return cal

@@ -9,6 +9,8 @@ Only the node checks import slicer (the worker, which imports none, uses prepara
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 #: "auto": detected (CorrRegLib.polarity.detect_polarity); "bright": used as stored; "dark":
@@ -17,6 +19,20 @@ POLARITIES = ("auto", "bright", "dark")
 #: "auto": the intensifier's disc, collimator blades and burned-in borders are detected
 #: (CorrRegLib.fov_mask); "none": every pixel is used. A label map node is a user's mask.
 FIELDS_OF_VIEW = ("auto", "none")
+
+
+@dataclass
+class OtherView:
+    """One more calibrated X-ray of the same moment (biplane): its node, its calibration file
+    (with the camera's pose in the calibration's world, as the reference view's), and how its
+    image is taken (``polarity``, ``fieldOfView``: as ``start()``'s). Its pixel size is the
+    node's spacing unless ``pixelSpacing`` is given."""
+
+    xrayNode: object
+    calibration: object
+    polarity: str = "auto"
+    fieldOfView: object = "auto"
+    pixelSpacing: tuple | None = None
 
 
 def polarityFrom(polarity: str, invertXray: bool = False) -> str:
@@ -87,8 +103,9 @@ def fieldOfViewFrom(fieldOfView, xrayNode):
     return m
 
 
-def preparationNote(info: dict, inverted: bool) -> str:
-    """One line on what was done to the X-ray (``prepare_image``'s info), for the status and result."""
+def preparationNote(info: dict, inverted: bool, name: str | None = None) -> str:
+    """One line on what was done to the X-ray (``prepare_image``'s info), for the status and
+    result; ``name`` names it (biplane: one line per view)."""
     pol = info.get("polarity", {})
     if inverted:
         text = f"bone dark, inverted ({pol.get('inversion', 'log')})"
@@ -108,4 +125,4 @@ def preparationNote(info: dict, inverted: bool) -> str:
                  else f"; field of view detected ({kind.replace('+', ' and ')}), {100 * share:.0f} % of the image used")
     else:
         text += f"; the given mask, {100 * share:.0f} % of the image used"
-    return "X-ray: " + text
+    return (f"X-ray '{name}': " if name else "X-ray: ") + text
