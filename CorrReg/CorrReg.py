@@ -479,7 +479,8 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             camera, pose = self._currentInitialPose()
             nodes = self.logic.preview(p.ctVolume, p.xrayVolume, p.outputTransform, pose, camera, drrNode=p.drrVolume,
                                        sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(),
-                                       opacity=p.opacity)
+                                       opacity=p.opacity, calibration=p.calibrationPath.strip() or None,
+                                       otherViews=self._xrayArguments()["otherViews"])
         except Exception as e:
             self.ui.statusLabel.text = _("Initial pose: ") + str(e)
             if showErrors:

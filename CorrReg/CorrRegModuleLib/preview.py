@@ -3,6 +3,8 @@ preview projector cached between calls and dropped when the scene closes."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import adapter
 from .rendering import DRRRenderer
 
@@ -27,26 +29,45 @@ class PreviewMixin:
                 tuple(adapter.ijkToRASArray(ctNode).flatten().tolist()))
 
     def preview(self, ctNode, xrayNode, outputTransformNode, pose, camera, drrNode=None,
-                sliceCompositeNode=None, sliceNode=None, showInSliceView=True, opacity=0.5, device="cpu"):
+                sliceCompositeNode=None, sliceNode=None, showInSliceView=True, opacity=0.5, device="cpu",
+                calibration=None, otherViews=()):
         """Show ``pose`` without registering: place the X-ray, write the transform, render a
-        quick DRR. Validates like ``start``; returns the nodes dict."""
+        quick DRR. Validates like ``start``; returns the nodes dict. With ``otherViews``
+        (biplane, as ``start`` takes them, with the first X-ray's ``calibration``) each other
+        X-ray is placed by the calibrations and gets its DRR too, so a start can be judged in
+        every view."""
         self.requireDependencies()
         self._checkInputs(ctNode, xrayNode)
-        self._checkOutputTransform(outputTransformNode, ctNode, xrayNode, drrNode)
-        key = (self._volumeKey(ctNode), tuple(camera.size),
-               camera.sdd, tuple(camera.pixel_spacing), tuple(camera.principal_point), str(device))
-        cached = self._previewCache.get("renderer")
-        if cached is None or cached[0] != key:
-            volume = self.cachedVolume(ctNode)
-            self.requireBone(volume, ctNode.GetName())
-            self._previewCache["renderer"] = (key, DRRRenderer(volume, camera, device=device, livePixels=96 * 96))
-        renderer = self._previewCache["renderer"][1]
+        others = []
+        if otherViews:
+            _, cameraFromWorld, checked = self._checkOtherViews(ctNode, xrayNode, otherViews, "intensity", None,
+                                                                calibration, None, None, tuple(camera.pixel_spacing))
+            others = [(v.xrayNode, c.camera, c.camera_from_world.numpy() @ np.linalg.inv(cameraFromWorld))
+                      for v, c in checked]
+        self._checkOutputTransform(outputTransformNode, ctNode, xrayNode, drrNode, [x for x, _, _ in others])
+        renderer = self._previewRenderer(ctNode, camera, device)
         nodes = self._setUpScene(ctNode, xrayNode, outputTransformNode, camera, drrNode, True,
-                                 sliceCompositeNode, sliceNode, showInSliceView, opacity)
+                                 sliceCompositeNode, sliceNode, showInSliceView, opacity, otherViews=others)
         adapter.setTransformNodeFromPose(nodes["outputTransform"], pose)
         self._alignSliceView(nodes)
-        self.showDRRImage(nodes["drr"], renderer.render(adapter._toNumpyPose(pose)))
+        pose = adapter._toNumpyPose(pose)
+        self.showDRRImage(nodes["drr"], renderer.render(pose))
+        for (_, cam, cameraFromReference), drr in zip(others, nodes.get("otherDRRs", ())):
+            self.showDRRImage(drr, self._previewRenderer(ctNode, cam, device).render(cameraFromReference @ pose))
         return nodes
+
+    def _previewRenderer(self, ctNode, camera, device):
+        """A quick DRR renderer of the CT for ``camera``, cached per camera while the CT is unchanged."""
+        key = (self._volumeKey(ctNode), tuple(camera.size), camera.sdd, tuple(camera.pixel_spacing),
+               tuple(camera.principal_point), camera.focal_px, str(device))
+        renderers = self._previewCache.setdefault("renderers", {})
+        if key not in renderers:
+            volume = self.cachedVolume(ctNode)
+            self.requireBone(volume, ctNode.GetName())
+            for old in [k for k in renderers if k[0] != key[0]]:  # another CT, or its voxels changed
+                del renderers[old]
+            renderers[key] = DRRRenderer(volume, camera, device=device, livePixels=96 * 96)
+        return renderers[key]
 
     def requireBone(self, volume, name):
         """The isocenter (bone centroid); ValueError when the CT holds no bone."""

@@ -133,3 +133,29 @@ def test_several_views_are_checked_before_the_scene_changes(rig, tmp_path):
         with pytest.raises(ValueError, match=message):
             logic.start(rig["ct"], x1, initialPoseMode="ap", **kwargs)
     assert scene.GetNumberOfNodes() == before and logic.currentRun is None
+
+
+def test_the_preview_shows_a_start_in_both_views(rig):
+    """Nudging a start in Slicer: the second view's DRR follows too, without registering."""
+    scene, (x1, x2), cfw, truth = rig["scene"], rig["xrays"], rig["cfw"], rig["truth"]
+    logic = CorrRegLogicCore(scene)
+    camera = logic.cameraForNode(x1, calibration=rig["cals"][0])
+    out = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "pose")
+    nodes = logic.preview(rig["ct"], x1, out, (cfw[0] @ truth).numpy(), camera, calibration=rig["cals"][0],
+                          otherViews=[OtherView(x2, rig["cals"][1])])
+    drr2 = nodes["otherDRRs"][0]
+    assert A.parentTransformID(x2) == nodes["viewTransforms"][0].GetID()
+    at_truth = np.corrcoef(slicer.util.arrayFromVolume(drr2)[0].ravel(), slicer.util.arrayFromVolume(x2)[0].ravel())[0, 1]
+    along = torch.eye(4, dtype=torch.float64)
+    along[:3, 3] = cfw[0][:3, :3].T @ torch.tensor([0.0, 0.0, 40.0], dtype=torch.float64)  # view 1's depth
+    moved = along @ truth
+    logic.preview(rig["ct"], x1, out, (cfw[0] @ moved).numpy(), camera, calibration=rig["cals"][0],
+                  otherViews=[OtherView(x2, rig["cals"][1])])
+
+    def match(drr, xray):
+        return np.corrcoef(slicer.util.arrayFromVolume(drr)[0].ravel(), slicer.util.arrayFromVolume(xray)[0].ravel())[0, 1]
+
+    # 40 mm in depth: view 1 hardly changes, view 2 sees it
+    assert at_truth > 0.8 and match(nodes["drr"], x1) > 0.8 and match(drr2, x2) < at_truth - 0.1, \
+        (at_truth, match(nodes["drr"], x1), match(drr2, x2))
+    assert logic.currentRun is None
