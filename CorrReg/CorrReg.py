@@ -18,7 +18,8 @@ import ctk
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLLinearTransformNode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLSegmentationNode)
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -154,6 +155,8 @@ class CorrRegParameterNode:
     """Everything the GUI shows; saved with the scene."""
 
     ctVolume: vtkMRMLScalarVolumeNode
+    # one bone of a full CT: its visible segments are registered (logic.start(ctLabel=...))
+    ctSegmentation: vtkMRMLSegmentationNode
     xrayVolume: vtkMRMLScalarVolumeNode
     # the X-ray as it comes (CorrRegModuleLib/xrayimage.py): polarity and the pixels compared
     xrayPolarity: XrayPolarity = XrayPolarity.Auto
@@ -405,7 +408,8 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def _xrayArguments(self) -> dict:
-        """How the X-ray is made ready (polarity, field of view), as the logic's start() takes it."""
+        """How the inputs are taken, as the logic's start() takes them: the X-ray's polarity and
+        field of view, the second X-ray (biplane), the CT's one bone (a segmentation)."""
         p = self._parameterNode
         if p.fieldOfView == FieldOfView.Mask:
             if p.fieldOfViewMask is None:
@@ -417,7 +421,8 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p.secondXrayVolume is not None:  # its field of view: detected, unless the whole image is asked for
             others.append(OtherView(p.secondXrayVolume, p.secondCalibrationPath.strip() or None, p.xrayPolarity.value,
                                     "none" if p.fieldOfView == FieldOfView.WholeImage else "auto"))
-        return dict(polarity=p.xrayPolarity.value, fieldOfView=fieldOfView, otherViews=others)
+        return dict(polarity=p.xrayPolarity.value, fieldOfView=fieldOfView, otherViews=others,
+                    ctLabel=p.ctSegmentation)
 
     def _poseArguments(self) -> dict:
         """The initial pose as the logic's start() takes it (computed in the worker)."""
@@ -455,11 +460,12 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ct, xray = p.ctVolume, p.xrayVolume
         camera = self.logic.cameraForNode(xray, **self._cameraArguments())  # the file is read once per node
         args = self._poseArguments()
+        label = p.ctSegmentation
         key = (ct.GetID(), xray.GetID(), args["initialPoseMode"], p.initialTransform.GetID() if p.initialTransform else None,
                args["sod"], p.primaryAngle, p.secondaryAngle, camera.sdd, tuple(camera.pixel_spacing),
-               tuple(camera.principal_point))
+               tuple(camera.principal_point), None if label is None else (label.GetID(), label.GetMTime()))
         if self._previewBase is None or self._previewBase[0] != key:
-            volume = self.logic.cachedVolume(ct)
+            volume = self.logic.cachedVolume(ct, label)  # one bone: the rotations turn about its centroid
             base = self.logic.initialPose(volume, camera, args["initialPoseMode"], p.initialTransform, args["sod"],
                                           p.primaryAngle, p.secondaryAngle)
             self._previewBase = (key, base, self.logic.isocenterOf(volume))
@@ -480,7 +486,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             nodes = self.logic.preview(p.ctVolume, p.xrayVolume, p.outputTransform, pose, camera, drrNode=p.drrVolume,
                                        sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(),
                                        opacity=p.opacity, calibration=p.calibrationPath.strip() or None,
-                                       otherViews=self._xrayArguments()["otherViews"])
+                                       otherViews=self._xrayArguments()["otherViews"], ctLabel=p.ctSegmentation)
         except Exception as e:
             self.ui.statusLabel.text = _("Initial pose: ") + str(e)
             if showErrors:

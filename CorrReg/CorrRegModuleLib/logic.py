@@ -34,6 +34,7 @@ import slicer
 
 from . import adapter
 from .checks import ChecksMixin
+from .ctlabel import ctLabelMask
 from .dependencies import PIP_REQUIREMENTS, REQUIRED_PACKAGES, REQUIREMENTS_FILE, DependenciesMixin  # noqa: F401
 from .poses import DEFAULT_SOD_FRACTION, INITIAL_POSE_MODES, PoseSpec, basePoseFor, isocenterOf, withOffsets  # noqa: F401
 from .preview import PreviewMixin
@@ -140,7 +141,8 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
               sliceCompositeNode=None, sliceNode=None, showInSliceView=True, opacity=0.5,
               invertXray=False, iterationsPerStep=2, drrUpdateInterval=0.5, progressCallback=None,
               options=None, background=False, localStarts=0, polish=None, polarity="auto",
-              fieldOfView="auto", calibration=None, otherViews=()) -> RegistrationRun:
+              fieldOfView="auto", calibration=None, otherViews=(), ctLabel=None,
+              ctLabelValues=None) -> RegistrationRun:
         """Validate the inputs, then run the set-up (CT conversion, initial pose, session) and set
         up the scene; returns the run.
 
@@ -172,8 +174,12 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         (summed similarities, one search, one verification); the output transform stays the
         reference view's camera pose, each other X-ray is placed under a fixed transform below it
         (its camera relative to the reference's) with its own DRR, and ``run.result.pose`` is
-        world_from_ct (``view_poses``: each camera_from_ct). Nothing in the scene changes if
-        this raises.
+        world_from_ct (``view_poses``: each camera_from_ct).
+
+        ``ctLabel`` (one bone of a full CT, as ``corrreg register --ct-label``): a label map of the
+        CT (its non-zero voxels, or ``ctLabelValues``) or a segmentation (its visible segments);
+        only those voxels are registered, on their edges, over where they project
+        (``ctlabel.ctLabelMask``). Nothing in the scene changes if this raises.
         """
         previous = self.currentRun
         if previous is not None and not previous.finished and not previous.stopped:
@@ -193,6 +199,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
             from CorrRegLib.register import RegistrationOptions
             options = replace(options or RegistrationOptions(), **changes)
         self._checkInputs(ctNode, xrayNode)
+        keep = None if ctLabel is None else ctLabelMask(ctNode, ctLabel, ctLabelValues)
         polarity = polarityFrom(polarity, invertXray)
         fieldOfView = fieldOfViewFrom(fieldOfView, xrayNode)
         others, cameraFromWorld = (), None
@@ -230,7 +237,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         xrayArray = adapter.xrayArrayFromNode(xrayNode)
         viewJobs = tuple(ViewJob(adapter.xrayArrayFromNode(v.xrayNode), c.camera, c.camera_from_world.numpy(),
                                  v.polarity, v.fieldOfView, v.xrayNode.GetName()) for v, c in others)
-        job = RegistrationJob(self.ctData(ctNode), xrayArray, cam, spec, method, str(device), modelDir, options,
+        job = RegistrationJob(self.ctData(ctNode, keep), xrayArray, cam, spec, method, str(device), modelDir, options,
                               float(drrUpdateInterval), polarity, fieldOfView, cameraFromWorld, viewJobs,
                               xrayNode.GetName())
         sceneArgs = dict(ctNode=ctNode, xrayNode=xrayNode, outputTransformNode=outputTransformNode, camera=cam,
@@ -292,11 +299,12 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         return int(localStarts)
 
     @staticmethod
-    def ctData(ctNode) -> CTData:
-        """The CT's voxels as a view of the node's memory (no copy) and its LPS geometry."""
+    def ctData(ctNode, keep=None) -> CTData:
+        """The CT's voxels as a view of the node's memory (no copy) and its LPS geometry; ``keep``
+        (bool (K, J, I)) the voxels to register (one bone), None: all of them."""
         adapter.checkCTNode(ctNode)
         origin, direction, spacing = adapter.lpsGeometryFromVolumeNode(ctNode)
-        return CTData(slicer.util.arrayFromVolume(ctNode), origin, direction, spacing, ctNode.GetName())
+        return CTData(slicer.util.arrayFromVolume(ctNode), origin, direction, spacing, ctNode.GetName(), keep)
 
     def poll(self) -> StepInfo | None:
         """Bring the scene up to date with the background run (main thread; see ``RegistrationRun.poll``)."""

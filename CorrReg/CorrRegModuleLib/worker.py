@@ -34,14 +34,17 @@ class CTData:
     direction: tuple
     spacing: tuple
     name: str = "CT"
+    keep: np.ndarray | None = None  # bool (K, J, I): one bone of the CT (ctlabel.ctLabelMask); None: all of it
 
     def toVolume(self):
-        """A ``CorrRegLib.volume.Volume`` (attenuation): the float copy is made here, in the caller's thread."""
+        """A ``CorrRegLib.volume.Volume`` (attenuation), only what ``keep`` keeps: the float copy is
+        made here, in the caller's thread."""
         import torch
         from CorrRegLib.volume import Volume
 
         hu = np.array(self.voxels, dtype=np.float32, copy=True)
-        return Volume.from_hu(torch.from_numpy(hu), self.spacing, self.origin, self.direction)
+        volume = Volume.from_hu(torch.from_numpy(hu), self.spacing, self.origin, self.direction)
+        return volume if self.keep is None else volume.keep_only(torch.from_numpy(self.keep))
 
 
 @dataclass

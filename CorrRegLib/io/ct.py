@@ -232,11 +232,21 @@ def read_ct_label(path: PathLike, volume: Volume, values: Sequence[int] | None =
     reader = _read_info(p, "CT label map")
     if reader.GetNumberOfComponents() != 1 or reader.GetDimension() != 3:
         raise ValueError(f"{p} is not a 3D scalar label map; export the bone's segment as a label map")
-    labels = _execute(reader, p, "CT label map")
-    ref = sitk.Image([int(v) for v in volume.shape_ijk], sitk.sitkUInt8)
-    ref.SetSpacing(volume.spacing)
-    ref.SetOrigin(volume.origin)
-    ref.SetDirection([v for row in volume.direction for v in row])
+    return label_on_ct_grid(_execute(reader, p, "CT label map"), volume.shape_ijk, volume.spacing, volume.origin,
+                            volume.direction, values, str(p))
+
+
+def label_on_ct_grid(labels: sitk.Image, shape_ijk: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
+                     direction: Sequence[Sequence[float]], values: Sequence[int] | None = None,
+                     where: str = "the label map", hint: str = "check the label map and --ct-label-values") -> Tensor:
+    """(K, J, I) bool mask on a CT's voxel grid (``shape_ijk`` (I, J, K) and LPS ``spacing``,
+    ``origin``, ``direction``): the non-zero voxels of a 3D label image (LPS geometry), or those
+    holding one of ``values``; resampled (nearest neighbour) when its grid is not the CT's.
+    ``where`` names it and ``hint`` says what to do in the error when it keeps nothing."""
+    ref = sitk.Image([int(v) for v in shape_ijk], sitk.sitkUInt8)
+    ref.SetSpacing([float(v) for v in spacing])
+    ref.SetOrigin([float(v) for v in origin])
+    ref.SetDirection([float(v) for row in direction for v in row])
     same = (labels.GetSize() == ref.GetSize() and np.allclose(labels.GetSpacing(), ref.GetSpacing())
             and np.allclose(labels.GetOrigin(), ref.GetOrigin()) and np.allclose(labels.GetDirection(), ref.GetDirection()))
     if not same:
@@ -246,8 +256,7 @@ def read_ct_label(path: PathLike, volume: Volume, values: Sequence[int] | None =
     if not keep.any():
         held = np.unique(arr[arr != 0])[:20].tolist()
         what = f"the labels {list(values)}" if values is not None else "a non-zero label"
-        raise ValueError(f"{p} holds no voxel with {what} inside the CT (it holds {held or 'only zeros'}); "
-                         "check the label map and --ct-label-values")
+        raise ValueError(f"{where} holds no voxel with {what} inside the CT (it holds {held or 'only zeros'}); {hint}")
     return torch.from_numpy(keep)
 
 
