@@ -17,8 +17,9 @@ Every input is validated before anything in the scene changes: a wrong input rai
 node and the X-ray's pixels are never modified; the X-ray node is *placed* (its geometry set to
 the detector plane in the camera frame and its parent set to the output transform).
 
-The jobs live in one file each: ``dependencies`` (packages), ``xraygeometry`` (camera geometry),
-``poses`` (starting pose), ``checks`` (input validation), ``sceneview`` (nodes and slice view),
+The jobs live in one file each: ``dependencies`` (packages), ``xraygeometry`` (camera geometry,
+calibration files), ``xrayimage`` (polarity, field of view, other views), ``ctlabel`` (one bone of
+the CT), ``poses`` (starting pose), ``checks`` (input validation), ``sceneview`` (nodes and slice view),
 ``preview`` (the sliders' preview and its caches), ``rendering`` (DRRs), ``worker`` (the work off
 the main thread), ``run`` (its main-thread side), ``training`` (``corrreg train`` in a process).
 torch and CorrRegLib are imported inside functions, so this file imports before PyTorch is installed.

@@ -113,9 +113,9 @@ class SceneViewMixin:
             sliceCompositeNode.EndModify(wasModifying)
         if sliceNode is not None:
             # Fit the field of view once per (view, X-ray); later updates keep the user's zoom.
-            key = (sliceNode.GetID(), xrayNode.GetID())
-            self.alignSliceNodeToImage(sliceNode, xrayNode, fit=self._previewCache.get("fitted") != key)
-            self._previewCache["fitted"] = key
+            fitted = self._previewCache.setdefault("fitted", {})
+            self.alignSliceNodeToImage(sliceNode, xrayNode, fit=fitted.get(sliceNode.GetID()) != xrayNode.GetID())
+            fitted[sliceNode.GetID()] = xrayNode.GetID()
 
     def setOverlayOpacity(self, opacity, sliceCompositeNode=None):
         node = sliceCompositeNode
@@ -197,13 +197,8 @@ class SceneViewMixin:
             composite = self.scene.GetNodeByID(f"vtkMRMLSliceCompositeNode{layout}") if layout else None
             if showInSliceView and composite is not None:
                 composite, sliceNode = self._resolveSliceNodes(composite, None, True)
-                wasModifying = composite.StartModify()
-                composite.SetBackgroundVolumeID(xray.GetID())
-                composite.SetForegroundVolumeID(drr.GetID() if drr is not None else None)
-                composite.SetForegroundOpacity(float(opacity))
-                composite.EndModify(wasModifying)
+                self.showInSliceView(xray, drr, composite, sliceNode, opacity)
                 if sliceNode is not None:
-                    self.alignSliceNodeToImage(sliceNode, xray, fit=True)
                     nodes.setdefault("otherSlices", []).append((sliceNode, xray))
 
     def _setUpScene(self, ctNode, xrayNode, outputTransformNode, camera, drrNode, createDRR,
