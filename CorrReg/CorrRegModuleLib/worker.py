@@ -180,32 +180,31 @@ class RegistrationEngine:
         pose0 = poseFromSpec(job.pose, job.camera, iso)
         dev = pick_device(job.device)
         kwargs = {} if job.options is None else {"options": job.options}
-        views = [(job.xray, job.camera, job.cameraFromWorld, job.polarity, job.fieldOfView, job.name)]
-        views += [(v.xray, v.camera, v.cameraFromWorld, v.polarity, v.fieldOfView, v.name) for v in job.others]
-        prepared = [prepare_image(x, pol, fov) for x, _, _, pol, fov, _ in views]
+        views = [ViewJob(job.xray, job.camera, job.cameraFromWorld, job.polarity, job.fieldOfView, job.name),
+                 *job.others]
+        prepared = [prepare_image(v.xray, v.polarity, v.fieldOfView) for v in views]  # (image, mask, inverted, info)
         masks = [mask for _, mask, _, _ in prepared]
+        tensor = lambda mask: None if mask is None else torch.from_numpy(mask)  # noqa: E731
         if job.others:
             from CorrRegLib.geometry import invert_pose
             from CorrRegLib.register import View
 
-            cfw = [torch.as_tensor(np.asarray(c), dtype=torch.float64) for _, _, c, _, _, _ in views]
-            regViews = [View(image, cam, c, None if mask is None else torch.from_numpy(mask), name)
-                        for (image, mask, _, _), (_, cam, _, _, _, name), c in zip(prepared, views, cfw)]
+            cfw = [torch.as_tensor(np.asarray(v.cameraFromWorld), dtype=torch.float64) for v in views]
+            regViews = [View(image, v.camera, c, tensor(mask), v.name)
+                        for (image, mask, _, _), v, c in zip(prepared, views, cfw)]
             session = RegistrationSession(volume, initial_pose=invert_pose(cfw[0]) @ pose0, method=job.method,
                                           device=dev, model_dir=job.modelDir, views=regViews, **kwargs)
             self._toRef = lambda world, c0=cfw[0].numpy(): c0 @ world
             self._fromRef = [c.numpy() @ np.linalg.inv(cfw[0].numpy()) for c in cfw]
-            note = "; ".join(preparationNote(info, inverted, name)
-                             for (_, _, inverted, info), (_, _, _, _, _, name) in zip(prepared, views))
+            note = "; ".join(preparationNote(info, inverted, v.name) for (_, _, inverted, info), v in zip(prepared, views))
         else:
             image, mask, inverted, info = prepared[0]
             session = RegistrationSession(volume, image, job.camera, pose0, method=job.method, device=dev,
-                                          model_dir=job.modelDir, mask=None if mask is None else torch.from_numpy(mask),
-                                          **kwargs)
+                                          model_dir=job.modelDir, mask=tensor(mask), **kwargs)
             self._fromRef = [np.eye(4)]
             note = preparationNote(info, inverted)
         self.volume, self.session = volume, session
-        self.renderers = [DRRRenderer(volume, cam, device=dev) for _, cam, _, _, _, _ in views]
+        self.renderers = [DRRRenderer(volume, v.camera, device=dev) for v in views]
         if self.cancelled:
             session.cancel()
         ready = Ready(pose0, str(getattr(session, "pipeline_note", job.method)), str(dev),
