@@ -452,7 +452,18 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureDependencies():
             return
         self._previewBase = None
+        self._showBothViewsIfBiplane()
         self.updatePreview(showErrors=True)
+
+    def _showBothViewsIfBiplane(self) -> None:
+        """With a second X-ray, a layout that shows the Red and the Yellow slice views (each view's
+        X-ray and DRR; CorrRegModuleLib/sceneview.py), unless the current one already does."""
+        p = self._parameterNode
+        manager = slicer.app.layoutManager()
+        if p is None or p.secondXrayVolume is None or manager is None:
+            return
+        if manager.sliceWidget("Yellow") is None or not manager.sliceWidget("Yellow").isVisible():
+            manager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
 
     def _currentInitialPose(self):
         """(camera, initial camera_from_ct) for the preview: cached base pose + slider offsets."""
@@ -548,6 +559,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         try:
             xrayArguments = self._xrayArguments()
+            self._showBothViewsIfBiplane()
             if xrayArguments["otherViews"]:  # biplane: every camera from its calibration file
                 cameraArguments = {k: v for k, v in self._cameraArguments().items()
                                    if k in ("calibration", "pixelSpacing")}

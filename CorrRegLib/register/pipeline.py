@@ -140,8 +140,9 @@ def single_view_message(edges: float, bar: float) -> str:
     return (f"one view, and the CT explains little of it (gradient NCC {edges:.2f}, under {bar:g}): what the CT does "
             "not hold (other bones, soft tissue) can pull the pose along the depth and roll that one view leaves "
             "loose, and on real images such results explained their view better than the true pose did, so no "
-            "check in this view can confirm it; register with a second view 60-90 deg from this one, or check the "
-            "pose in another image")
+            "check in this view can confirm it; register with a second view 60-90 deg from this one, calibrated "
+            "with it (a second --xray with its --calibration; in Slicer, Second X-ray), or check the pose in another "
+            "image")
 
 
 class Pipeline:
