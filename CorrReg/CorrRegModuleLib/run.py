@@ -265,6 +265,7 @@ class RegistrationRun:
             self.xrayInfo = self.xrayInfos[0] if self.xrayInfos else None
             self.fieldOfViewMask = self.fieldOfViewMasks[0] if self.fieldOfViewMasks else None
             self.nodes = self.logic._setUpScene(**self._sceneArgs)
+            self.logic.matchDRRPolarity(self.nodes, self.xrayInfos)
             self._showPose(adapter._toNumpyPose(m.initialPose))
         elif isinstance(m, Progress):
             self._showPose(m.pose)

@@ -14,6 +14,9 @@ from .checks import nodesOfClass
 DRR_XRAY_REFERENCE_ROLE = "CorrReg.Xray"
 #: CorrReg.Role of the fixed transform that places another view's camera (biplane).
 VIEW_ROLE = "View"
+#: Slicer's grey colour tables: a DRR (bone bright) is shown inverted over a bone-dark X-ray, so
+#: that the overlay looks like the X-ray it is compared with.
+GREY, INVERTED_GREY = "vtkMRMLColorTableNodeGrey", "vtkMRMLColorTableNodeInvertedGrey"
 #: The attribute older versions used for the same link (a node ID, not remapped on scene import).
 LEGACY_DRR_XRAY_ID_ATTRIBUTE = "CorrReg.XrayNodeID"
 #: Margin around the X-ray when the slice view is fitted to it.
@@ -200,6 +203,17 @@ class SceneViewMixin:
                 self.showInSliceView(xray, drr, composite, sliceNode, opacity)
                 if sliceNode is not None:
                     nodes.setdefault("otherSlices", []).append((sliceNode, xray))
+
+    @staticmethod
+    def matchDRRPolarity(nodes, xrayInfos) -> None:
+        """Show each view's DRR in its X-ray's polarity: inverted grey where the X-ray is bone dark
+        (``xrayInfos``: the worker's decisions per view, reference first), grey otherwise."""
+        drrs = [nodes.get("drr"), *nodes.get("otherDRRs", ())]
+        for drr, info in zip(drrs, xrayInfos):
+            display = None if drr is None else drr.GetDisplayNode()
+            if display is not None:
+                dark = (info or {}).get("polarity", {}).get("decision") == "dark"
+                display.SetAndObserveColorNodeID(INVERTED_GREY if dark else GREY)
 
     def _setUpScene(self, ctNode, xrayNode, outputTransformNode, camera, drrNode, createDRR,
                     sliceCompositeNode, sliceNode, showInSliceView, opacity, otherViews=()):

@@ -93,6 +93,8 @@ def test_a_bone_dark_intensifier_image_is_inverted_masked_and_registers(case):
     assert used is not None and not (used & ~_inside_disc()).any()
     assert used[_inside_disc()].mean() > 0.8
     assert run.xrayInfo["polarity"]["decision"] == "dark"
+    # the DRR is shown in the X-ray's polarity, so the overlay looks like the X-ray
+    assert run.drrNode.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeInvertedGrey"
     err = _mtre(result.pose, case)
     assert err < 2.0 and not result.flagged, (err, result.message)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(case["dark"]), pixels)  # the node is untouched
@@ -103,6 +105,7 @@ def test_the_same_image_taken_as_it_is_stored_does_not_register(case):
     run, result = _register(case, polarity="bright", fieldOfView="none")
     assert "bone bright, used as stored (as asked); every pixel used" in run.xrayNote
     assert run.fieldOfViewMask is None
+    assert run.drrNode.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeGrey"
     assert _mtre(result.pose, case) > 5.0 or result.flagged
 
 
