@@ -159,3 +159,22 @@ def test_the_preview_shows_a_start_in_both_views(rig):
     assert at_truth > 0.8 and match(nodes["drr"], x1) > 0.8 and match(drr2, x2) < at_truth - 0.1, \
         (at_truth, match(nodes["drr"], x1), match(drr2, x2))
     assert logic.currentRun is None
+
+
+def test_in_the_background_both_views_get_their_final_drr(rig):
+    """The GUI's way (worker thread, poll()): each view's DRR node ends at the final pose's
+    full-resolution DRR, and the run counts as finished only once both arrived."""
+    scene, (x1, x2), cfw, truth = rig["scene"], rig["xrays"], rig["cfw"], rig["truth"]
+    start = perturb_pose(truth, rig["iso"], [2.0, -3.0, 2.0], [6.0, -5.0, 25.0])
+    logic = CorrRegLogicCore(scene)
+    result = logic.register(rig["ct"], x1, scene.AddNewNodeByClass("vtkMRMLLinearTransformNode"), method="intensity",
+                            calibration=rig["cals"][0], otherViews=[OtherView(x2, rig["cals"][1])],
+                            initialPose=(cfw[0] @ start).numpy(), background=True)
+    run = logic.currentRun
+    assert run.finished and run._finalDRRsShown == 2
+    from CorrRegModuleLib.rendering import DRRRenderer
+
+    volume = logic.ctData(rig["ct"]).toVolume()
+    for drr, c in zip((run.drrNode, run.nodes["otherDRRs"][0]), cfw):
+        expected = DRRRenderer(volume, rig["cam"]).render((c @ result.pose).numpy(), full=True)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(drr)[0], expected, rtol=1e-4, atol=1e-4)
