@@ -400,11 +400,13 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _cameraArguments(self) -> dict:
         p = self._parameterNode
+        pixelSpacing = (p.pixelSpacingX, p.pixelSpacingY) if p.pixelSpacingX > 0 and p.pixelSpacingY > 0 else None
+        if p.calibrationPath.strip():  # the calibrated camera, whatever the fields say (only its pixel size)
+            return dict(calibration=p.calibrationPath.strip(), pixelSpacing=pixelSpacing)
         return dict(
             sdd=p.sdd if p.sdd > 0 else None,
-            pixelSpacing=(p.pixelSpacingX, p.pixelSpacingY) if p.pixelSpacingX > 0 and p.pixelSpacingY > 0 else None,
+            pixelSpacing=pixelSpacing,
             principalPoint=(p.principalPointX, p.principalPointY) if p.principalPointX >= 0 and p.principalPointY >= 0 else None,
-            calibration=p.calibrationPath.strip() or None,
         )
 
     def _xrayArguments(self) -> dict:
@@ -496,7 +498,7 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             camera, pose = self._currentInitialPose()
             nodes = self.logic.preview(p.ctVolume, p.xrayVolume, p.outputTransform, pose, camera, drrNode=p.drrVolume,
                                        sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(),
-                                       opacity=p.opacity, calibration=p.calibrationPath.strip() or None,
+                                       opacity=p.opacity, calibration=self._cameraArguments().get("calibration"),
                                        otherViews=self._xrayArguments()["otherViews"], ctLabel=p.ctSegmentation)
         except Exception as e:
             self.ui.statusLabel.text = _("Initial pose: ") + str(e)
@@ -558,18 +560,12 @@ class CorrRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         try:
-            xrayArguments = self._xrayArguments()
             self._showBothViewsIfBiplane()
-            if xrayArguments["otherViews"]:  # biplane: every camera from its calibration file
-                cameraArguments = {k: v for k, v in self._cameraArguments().items()
-                                   if k in ("calibration", "pixelSpacing")}
-            else:
-                cameraArguments = {"camera": self.logic.cameraForNode(p.xrayVolume, **self._cameraArguments())}
             self.logic.start(
                 p.ctVolume, p.xrayVolume, p.outputTransform, method=p.method.value,
                 device=p.device.value, modelPath=p.modelPath or None, drrNode=p.drrVolume,
                 sliceCompositeNode=_redSliceCompositeNode(), sliceNode=_redSliceNode(), opacity=p.opacity,
-                background=True, **cameraArguments, **xrayArguments,
+                background=True, **self._cameraArguments(), **self._xrayArguments(),
                 localStarts=p.localStarts if p.method == RegistrationMethod.Intensity else 0,
                 polish="bandpass_ncc" if p.polishBone else None,
                 **self._poseArguments())
