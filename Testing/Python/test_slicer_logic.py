@@ -24,17 +24,12 @@ from CorrRegModuleLib import selftest  # noqa: E402
 from CorrRegModuleLib.logic import CorrRegLogicCore  # noqa: E402
 from CorrRegLib.geometry import geodesic_distance  # noqa: E402
 from CorrRegLib.phantom import make_spine_phantom  # noqa: E402
-from CorrRegLib.register import RegistrationOptions  # noqa: E402
+from slicer_cases import OFFSETS, SHORT_OPTIONS as OPTIONS  # noqa: E402
 
 # The default coarse-to-fine schedule, shortened: 96 x 96 px X-rays of the 2.5 mm phantom,
 # moderate initial offsets. (A 4 mm, three-vertebra phantom cannot pin depth to 2 mm at any
 # detector size: its registrations end 1.4 to 5.6 mm off, all of it depth.)
-_DEFAULT = RegistrationOptions()
-OPTIONS = replace(_DEFAULT, patience=10,
-                  levels=tuple(replace(lv, max_iterations=min(lv.max_iterations, 25)) for lv in _DEFAULT.levels))
 SIZE = 96
-OFFSETS = dict(initialPoseMode="carm", primaryAngle=0.0, secondaryAngle=0.0,
-               rotationOffsetDeg=(3.0, -2.0, 3.0), translationOffsetMm=(6.0, -5.0, 15.0))
 
 
 @pytest.fixture(scope="module")

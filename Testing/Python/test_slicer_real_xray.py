@@ -5,7 +5,6 @@ calibration file. Each is applied in the worker; the X-ray node's pixels stay as
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,11 @@ from CorrRegModuleLib import selftest  # noqa: E402
 from CorrRegModuleLib.logic import CorrRegLogicCore  # noqa: E402
 from CorrRegLib.geometry import Camera, c_arm_pose, project_points  # noqa: E402
 from CorrRegLib.phantom import make_spine_phantom  # noqa: E402
-from CorrRegLib.register import RegistrationOptions  # noqa: E402
 from CorrRegLib.simulate import simulate_xray  # noqa: E402
+from slicer_cases import OFFSETS, SHORT_OPTIONS as OPTIONS  # noqa: E402
 
-_DEFAULT = RegistrationOptions()
-OPTIONS = replace(_DEFAULT, patience=10,
-                  levels=tuple(replace(lv, max_iterations=min(lv.max_iterations, 25)) for lv in _DEFAULT.levels))
 SIZE = 96
 PIXEL_MM = 4.2  # 403 mm across the detector: air beside the body inside the disc, as around a limb
-OFFSETS = dict(initialPoseMode="carm", primaryAngle=0.0, secondaryAngle=0.0,
-               rotationOffsetDeg=(3.0, -2.0, 3.0), translationOffsetMm=(6.0, -5.0, 15.0))
 DISC = (49.3, 46.8, 40.5)  # cx, cy, r in pixels: the intensifier's field, cut by no border
 
 
