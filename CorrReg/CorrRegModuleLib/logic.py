@@ -214,7 +214,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
                 raise ValueError(f"the initial transform '{initialTransformNode.GetName()}' must be a linear transform")
             adapter.poseArrayFromTransformNode(initialTransformNode)  # rigid check
         self._checkOutputTransform(outputTransformNode, ctNode, xrayNode, drrNode,
-                                   [job.xrayNode for job, _ in others])
+                                   [v.xrayNode for v, _, _ in others])
         modelDir = None
         if modelPath:
             modelPath = os.fspath(modelPath)
@@ -237,15 +237,14 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
                         tuple(float(v) for v in rotationOffsetDeg), tuple(float(v) for v in translationOffsetMm))
         xrayArray = adapter.xrayArrayFromNode(xrayNode)
         viewJobs = tuple(ViewJob(adapter.xrayArrayFromNode(v.xrayNode), c.camera, c.camera_from_world.numpy(),
-                                 v.polarity, v.fieldOfView, v.xrayNode.GetName()) for v, c in others)
+                                 v.polarity, v.fieldOfView, v.xrayNode.GetName()) for v, c, _ in others)
         job = RegistrationJob(self.ctData(ctNode, keep), xrayArray, cam, spec, method, str(device), modelDir, options,
                               float(drrUpdateInterval), polarity, fieldOfView, cameraFromWorld, viewJobs,
                               xrayNode.GetName())
         sceneArgs = dict(ctNode=ctNode, xrayNode=xrayNode, outputTransformNode=outputTransformNode, camera=cam,
                          drrNode=drrNode, createDRR=createDRR, sliceCompositeNode=sliceCompositeNode,
                          sliceNode=sliceNode, showInSliceView=showInSliceView, opacity=opacity,
-                         otherViews=[(v.xrayNode, c.camera, c.camera_from_world.numpy() @ np.linalg.inv(cameraFromWorld))
-                                     for v, c in others])
+                         otherViews=[(v.xrayNode, c.camera, fromReference) for v, c, fromReference in others])
         options_ = RunOptions(method, str(device), cam, None, int(iterationsPerStep), float(drrUpdateInterval))
         # 3. the set-up (here, or in the worker) and, once it succeeded, the scene
         run = RegistrationRun(self, RegistrationEngine(job), options_, sceneArgs, background, progressCallback)
@@ -256,8 +255,9 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
 
     def _checkOtherViews(self, ctNode, xrayNode, otherViews, method, camera, calibration, sdd, principalPoint,
                          pixelSpacing):
-        """(reference camera, its camera_from_world (4, 4) numpy, [(OtherView, Calibration)]) for
-        a biplane run, every view checked (ValueError before the scene changes)."""
+        """(reference camera, its camera_from_world (4, 4) numpy, [(OtherView, Calibration,
+        camera_from_reference (4, 4) numpy)]) for a biplane run, every view checked (ValueError
+        before the scene changes)."""
         if str(method).lower() in ("network", "hybrid"):
             raise ValueError(f"method {method!r} runs on one X-ray; choose Automatic, Intensity or CMA-ES for "
                              "several views")
@@ -265,10 +265,8 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
             raise ValueError("several views take each camera from its calibration file, which places it in the "
                              "calibration's world: give calibration= for the first X-ray (not camera=, sdd= or "
                              "principalPoint=)")
-        ref = self.calibrationForNode(xrayNode, calibration, pixelSpacing)
-        if ref.camera_from_world is None:
-            raise ValueError(f"the calibration {calibration} of the X-ray '{xrayNode.GetName()}' has no camera pose "
-                             "(rotation and translation): several views need it in every calibration")
+        ref = self._posedCalibration(xrayNode, calibration, pixelSpacing)
+        referenceFromWorld = ref.camera_from_world.numpy()
         seen = {xrayNode.GetID(), ctNode.GetID()}
         out = []
         for v in otherViews:
@@ -280,14 +278,19 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
             seen.add(v.xrayNode.GetID())
             if not v.calibration:
                 raise ValueError(f"the X-ray '{v.xrayNode.GetName()}' needs its calibration file")
-            cal = self.calibrationForNode(v.xrayNode, v.calibration, v.pixelSpacing)
-            if cal.camera_from_world is None:
-                raise ValueError(f"the calibration {v.calibration} of the X-ray '{v.xrayNode.GetName()}' has no "
-                                 "camera pose (rotation and translation): several views need it in every calibration")
+            cal = self._posedCalibration(v.xrayNode, v.calibration, v.pixelSpacing)
             v = OtherView(v.xrayNode, v.calibration, polarityFrom(v.polarity), fieldOfViewFrom(v.fieldOfView, v.xrayNode),
                           v.pixelSpacing)
-            out.append((v, cal))
-        return ref.camera, ref.camera_from_world.numpy(), out
+            out.append((v, cal, cal.camera_from_world.numpy() @ np.linalg.inv(referenceFromWorld)))
+        return ref.camera, referenceFromWorld, out
+
+    def _posedCalibration(self, xrayNode, calibration, pixelSpacing):
+        """The X-ray's calibration, refused without the camera's pose (several views need it)."""
+        cal = self.calibrationForNode(xrayNode, calibration, pixelSpacing)
+        if cal.camera_from_world is None:
+            raise ValueError(f"the calibration {calibration} of the X-ray '{xrayNode.GetName()}' has no camera pose "
+                             "(rotation and translation): several views need it in every calibration")
+        return cal
 
     @staticmethod
     def _checkLocalStarts(localStarts, method: str) -> int:

@@ -3,8 +3,6 @@ preview projector cached between calls and dropped when the scene closes."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import adapter
 from .ctlabel import ctLabelMask
 from .rendering import DRRRenderer
@@ -49,10 +47,9 @@ class PreviewMixin:
         self._checkInputs(ctNode, xrayNode)
         others = []
         if otherViews:
-            _, cameraFromWorld, checked = self._checkOtherViews(ctNode, xrayNode, otherViews, "intensity", None,
-                                                                calibration, None, None, tuple(camera.pixel_spacing))
-            others = [(v.xrayNode, c.camera, c.camera_from_world.numpy() @ np.linalg.inv(cameraFromWorld))
-                      for v, c in checked]
+            _, _, checked = self._checkOtherViews(ctNode, xrayNode, otherViews, "intensity", None, calibration, None,
+                                                  None, tuple(camera.pixel_spacing))
+            others = [(v.xrayNode, c.camera, fromReference) for v, c, fromReference in checked]
         self._checkOutputTransform(outputTransformNode, ctNode, xrayNode, drrNode, [x for x, _, _ in others])
         label = (ctLabel, ctLabelValues)
         renderer = self._previewRenderer(ctNode, camera, device, label)
