@@ -68,16 +68,12 @@ class RegistrationRun:
         self.wallTime = None
         self._sceneArgs = sceneArgs
         self._lastPose = None
-        self._finalDRRShown = False
         self._cancelRequested = False
-        # The worker's polarity and field-of-view decisions and the pixels used (bool (H, W) numpy,
-        # None: all of them), set on Ready: of the reference X-ray, and per view (biplane: the
-        # reference first, then the other views in order).
-        self.xrayInfo: dict | None = None
-        self.fieldOfViewMask = None
+        # Per view (the reference first, then the other views in order), set on Ready: the worker's
+        # polarity and field-of-view decisions and the pixels used (bool (H, W) numpy, None: all).
         self.xrayInfos: list = []
         self.fieldOfViewMasks: list = []
-        self._finalDRRsShown = 0
+        self._finalDRRsShown = 0  # full-resolution DRRs shown, one per view
         self._abandoned = False
         self._worker = WorkerThread(engine) if background else None
         if background:
@@ -103,8 +99,9 @@ class RegistrationRun:
             return True
         if self.result is None:
             return False
-        return self._finalDRRShown or "drr" not in self.nodes or (self._worker is not None and not self._worker.alive
-                                                                  and self._worker.messages.empty())
+        allShown = self._finalDRRsShown >= 1 + len(self.nodes.get("otherDRRs", ()))
+        workerDone = self._worker is not None and not self._worker.alive and self._worker.messages.empty()
+        return allShown or "drr" not in self.nodes or workerDone
 
     @property
     def done(self) -> bool:
@@ -122,6 +119,16 @@ class RegistrationRun:
     @property
     def pipelineNote(self) -> str:
         return self.options.pipelineNote
+
+    @property
+    def xrayInfo(self) -> dict | None:
+        """The reference X-ray's polarity and field-of-view decisions; None until set up."""
+        return self.xrayInfos[0] if self.xrayInfos else None
+
+    @property
+    def fieldOfViewMask(self):
+        """The reference X-ray's pixels used (bool (H, W) numpy); None: all of them, or not set up."""
+        return self.fieldOfViewMasks[0] if self.fieldOfViewMasks else None
 
     @property
     def xrayNote(self) -> str:
@@ -262,8 +269,6 @@ class RegistrationRun:
             self.options.pipelineNote = m.pipelineNote
             self.options.xrayNote = m.xrayNote
             self.xrayInfos, self.fieldOfViewMasks = list(m.xrayInfo or []), list(m.fieldOfViewMasks or [])
-            self.xrayInfo = self.xrayInfos[0] if self.xrayInfos else None
-            self.fieldOfViewMask = self.fieldOfViewMasks[0] if self.fieldOfViewMasks else None
             self.nodes = self.logic._setUpScene(**self._sceneArgs)
             self.logic.matchDRRPolarity(self.nodes, self.xrayInfos)
             self._showPose(adapter._toNumpyPose(m.initialPose))
@@ -283,7 +288,6 @@ class RegistrationRun:
         elif isinstance(m, FinalDRR):
             self._showDRR(m.image, m.view)
             self._finalDRRsShown += 1
-            self._finalDRRShown = self._finalDRRsShown >= 1 + len(self.nodes.get("otherDRRs", ()))
         elif isinstance(m, Failed):
             self.error = m.error
             self.errorDetails = m.details

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 #: "auto": detected (CorrRegLib.polarity.detect_polarity); "bright": used as stored; "dark":
-#: inverted (log for a raw transmission image, linear for an inverted log image).
+#: inverted (log for a raw transmission image, linear for an inverted log image). The same as
+#: CorrRegLib.preprocess.POLARITY_MODES, written out so that the Logic imports without torch.
 POLARITIES = ("auto", "bright", "dark")
 #: "auto": the intensifier's disc, collimator blades and burned-in borders are detected
 #: (CorrRegLib.fov_mask); "none": every pixel is used. A label map node is a user's mask.

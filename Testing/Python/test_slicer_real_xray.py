@@ -110,6 +110,10 @@ def test_invert_xray_forces_the_dark_polarity(case):
     logic = CorrRegLogicCore(case["scene"])
     with pytest.raises(ValueError, match="give one of them"):
         logic.start(case["ct"], case["dark"], invertXray=True, polarity="bright", **OFFSETS)
+    from CorrRegLib.preprocess import POLARITY_MODES
+    from CorrRegModuleLib.xrayimage import POLARITIES
+
+    assert POLARITIES == POLARITY_MODES  # the Logic's copy of the library's modes
     with pytest.raises(ValueError, match="unknown X-ray polarity"):
         logic.start(case["ct"], case["dark"], polarity="negative", **OFFSETS)
 
