@@ -28,6 +28,7 @@ torch and CorrRegLib are imported inside functions, so this file imports before 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 
 import numpy as np
@@ -52,6 +53,20 @@ METHODS = ("auto", "intensity", "cmaes", "network", "hybrid")
 DEFAULT_METHOD = "auto"
 
 
+#: The scene-close observers of logics that are gone: (scene, tag), removed by the next logic call
+#: on the main thread, the only thread that touches MRML (a logic is collected in whichever thread
+#: the garbage collector runs, the registration worker's too, so its finalizer only appends here).
+#: Held here, a scene cannot be deleted with the observer still on it.
+_PENDING_REMOVALS: list = []
+
+
+def _removePendingObservers() -> None:
+    """Remove the observers left by logics collected in another thread (main thread only)."""
+    while _PENDING_REMOVALS and threading.current_thread() is threading.main_thread():
+        scene, tag = _PENDING_REMOVALS.pop()
+        scene.RemoveObserver(tag)
+
+
 class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneViewMixin, PreviewMixin,
                        TrainingMixin):
     """Registration of an X-ray node to a CT node in an MRML scene (see the module docstring).
@@ -60,6 +75,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
     """
 
     def __init__(self, scene=None):
+        _removePendingObservers()
         self._scene = None
         self._closeObservation = None
         self.currentRun: RegistrationRun | None = None
@@ -82,8 +98,9 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
     @scene.setter
     def scene(self, scene):
         if self._closeObservation is not None:
-            self._closeObservation()  # the old scene's observer is removed
+            self._closeObservation()  # the old scene's observer goes to _PENDING_REMOVALS, removed just below
             self._closeObservation = None
+        _removePendingObservers()
         self._scene = scene
         if scene is not None:
             # A weak reference: the scene must not keep the logic alive (nor call into a dead one).
@@ -95,10 +112,10 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
                     logic._onSceneStartClose()
 
             tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, onStartClose)
-            # Removed when the logic goes, before the scene can: a scene deleted with a Python
+            # Removed after the logic goes, before the scene can go: a scene deleted with a Python
             # observer calls it from its destructor, and inside Python's cycle collection (a run
             # and its logic refer to each other) that call crashed the interpreter.
-            self._closeObservation = weakref.finalize(self, scene.RemoveObserver, tag)
+            self._closeObservation = weakref.finalize(self, _PENDING_REMOVALS.append, (scene, tag))
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         """The nodes are about to go: stop without writing into them and free the memory."""
@@ -182,6 +199,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
         only those voxels are registered, on their edges, over where they project
         (``ctlabel.ctLabelMask``). Nothing in the scene changes if this raises.
         """
+        _removePendingObservers()
         previous = self.currentRun
         if previous is not None and not previous.finished and not previous.stopped:
             raise ValueError("a registration is already running; cancel or finish it first")
@@ -312,6 +330,7 @@ class CorrRegLogicCore(DependenciesMixin, XrayGeometryMixin, ChecksMixin, SceneV
 
     def poll(self) -> StepInfo | None:
         """Bring the scene up to date with the background run (main thread; see ``RegistrationRun.poll``)."""
+        _removePendingObservers()
         return None if self.currentRun is None else self.currentRun.poll()
 
     def step(self, n=None) -> StepInfo:
